@@ -1,0 +1,1 @@
+"""Dataset-specific transforms that MONAI does not provide."""
