@@ -1,0 +1,93 @@
+"""UNETR (Hatamizadeh et al. 2022) on our ViT encoder, so MAE weights load by name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+from .vit import ViTEncoder
+
+
+class UNETR(nn.Module):
+    """UNETR with MONAI's decoder topology and a ViT encoder with cls token and drop path.
+
+    Skips come from the outputs of blocks ``skip_blocks`` (1-based, before the final norm, cls
+    removed) and the final normed output; ``encoder1`` is a basic block on the raw image.
+
+    Args:
+        in_channels: image channels.
+        out_channels: output channels (14 for BTCV with softmax, 3 for BraTS regions with sigmoid).
+        img_size: ROI size per spatial axis, divisible by 16.
+        feature_size: width of the convolutional decoder (16 in the paper).
+        hidden_size, num_layers, num_heads, mlp_ratio: the ViT (ViT-B: 768, 12, 12, 4).
+        drop_path_rate: stochastic depth of the encoder, linear over depth up to this value.
+        norm_name: feature normalisation of the convolutional blocks.
+        res_block: residual convolutional blocks.
+        skip_blocks: the three encoder blocks (1-based) whose outputs feed the skip connections.
+        spatial_dims: 3 (2 also works).
+
+    Example::
+
+        net = UNETR(in_channels=1, out_channels=14, img_size=96)
+        logits = net(torch.randn(1, 1, 96, 96, 96))  # (1, 14, 96, 96, 96)
+    """
+
+    patch_size = 16  # the decoder upsamples 4 times by 2
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: Sequence[int] | int,
+        feature_size: int = 16,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.1,
+        norm_name: tuple | str = "instance",
+        res_block: bool = True,
+        skip_blocks: Sequence[int] = (3, 6, 9),
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(skip_blocks) != 3 or not all(1 <= b <= num_layers for b in skip_blocks):
+            raise ValueError(f"skip_blocks must be three block numbers in 1..{num_layers}, got {skip_blocks}.")
+        self.skip_blocks = tuple(skip_blocks)
+        self.encoder = ViTEncoder(
+            in_channels, img_size, self.patch_size, spatial_dims, hidden_size, num_layers, num_heads, mlp_ratio,
+            drop_path_rate=drop_path_rate, learnable_pos_embed=True,
+        )  # fmt: skip
+        self.grid_size = self.encoder.grid_size
+        f, h, sd = feature_size, hidden_size, spatial_dims
+        common = dict(spatial_dims=sd, kernel_size=3, norm_name=norm_name, res_block=res_block)
+        self.encoder1 = UnetrBasicBlock(in_channels=in_channels, out_channels=f, stride=1, **common)
+        up = dict(stride=1, upsample_kernel_size=2, conv_block=True, **common)
+        self.encoder2 = UnetrPrUpBlock(in_channels=h, out_channels=f * 2, num_layer=2, **up)
+        self.encoder3 = UnetrPrUpBlock(in_channels=h, out_channels=f * 4, num_layer=1, **up)
+        self.encoder4 = UnetrPrUpBlock(in_channels=h, out_channels=f * 8, num_layer=0, **up)
+        self.decoder5 = UnetrUpBlock(in_channels=h, out_channels=f * 8, upsample_kernel_size=2, **common)
+        self.decoder4 = UnetrUpBlock(in_channels=f * 8, out_channels=f * 4, upsample_kernel_size=2, **common)
+        self.decoder3 = UnetrUpBlock(in_channels=f * 4, out_channels=f * 2, upsample_kernel_size=2, **common)
+        self.decoder2 = UnetrUpBlock(in_channels=f * 2, out_channels=f, upsample_kernel_size=2, **common)
+        self.out = UnetOutBlock(spatial_dims=sd, in_channels=f, out_channels=out_channels)
+
+    def tokens_to_volume(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, D) -> (N, D, *grid_size)."""
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.grid_size)
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        x, hidden_states = self.encoder(x_in)
+        s1, s2, s3 = (self.tokens_to_volume(hidden_states[b - 1]) for b in self.skip_blocks)
+        enc1 = self.encoder1(x_in)
+        enc2 = self.encoder2(s1)
+        enc3 = self.encoder3(s2)
+        enc4 = self.encoder4(s3)
+        dec4 = self.tokens_to_volume(x[:, 1:])
+        dec3 = self.decoder5(dec4, enc4)
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        return self.out(self.decoder2(dec1, enc1))

@@ -1,0 +1,154 @@
+"""ViT encoder with a cls token, drop path and a (fixed or learnable) sine-cosine position embedding.
+
+The same module is the MAE encoder (fixed table, visible tokens only) and the backbone of the
+fine-tuned UNETR and classifier (learnable table initialised from the sine-cosine values), so MAE
+weights transfer by name with no key mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import MLPBlock, SABlock
+from monai.networks.layers import Conv, DropPath
+from monai.utils import ensure_tuple_rep
+
+from .pos_embed import sincos_pos_embed
+
+LAYER_NORM_EPS = 1e-6
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``.
+
+    Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (MONAI's SABlock
+    with ``use_flash_attention``).
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.attn = SABlock(hidden_size, num_heads, qkv_bias=qkv_bias, use_flash_attention=True)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp = MLPBlock(hidden_size, int(hidden_size * mlp_ratio), act="GELU")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """MAE initialisation: xavier-uniform linear layers, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViTEncoder(nn.Module):
+    """Vision Transformer encoder (ViT-B by default) for 2D or 3D images.
+
+    Args:
+        in_channels: image channels.
+        img_size: input size (ROI) per spatial axis; must be divisible by ``patch_size``.
+        patch_size: patch edge length (16 in the paper).
+        spatial_dims: 2 or 3.
+        hidden_size: token width (768 for ViT-B).
+        num_layers: transformer blocks (12).
+        num_heads: attention heads (12).
+        mlp_ratio: MLP width / token width (4).
+        qkv_bias: bias in the qkv projection.
+        drop_path_rate: stochastic depth, increasing linearly over the blocks up to this value.
+        learnable_pos_embed: False for MAE pre-training (fixed table), True for fine-tuning.
+
+    Example::
+
+        enc = ViTEncoder(in_channels=1, img_size=96, spatial_dims=3)
+        tokens, hidden = enc(torch.randn(2, 1, 96, 96, 96))  # (2, 217, 768), 12 x (2, 216, 768)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        img_size: Sequence[int] | int,
+        patch_size: Sequence[int] | int = 16,
+        spatial_dims: int = 3,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        learnable_pos_embed: bool = True,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
+        self.img_size = ensure_tuple_rep(img_size, spatial_dims)
+        self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
+        for i, p in zip(self.img_size, self.patch_size):
+            if i % p != 0:
+                raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.grid_size = tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+        self.num_patches = int(torch.tensor(self.grid_size).prod())
+
+        self.patch_embed = Conv[Conv.CONV, spatial_dims](
+            in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        # cls row is zero; patch rows are the sine-cosine table (learnable only when fine-tuning)
+        self.pos_embed = nn.Parameter(
+            sincos_pos_embed(self.grid_size, hidden_size, cls_token=True), requires_grad=learnable_pos_embed
+        )
+        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, drop_path=r) for r in rates
+        )
+        self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        self.apply(init_vit_weights)
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over the flattened patch
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, *img_size) -> (N, L, D) patch tokens with their position embedding added."""
+        if tuple(x.shape[2:]) != self.img_size or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ViTEncoder expects input (N, {self.in_channels}, {', '.join(map(str, self.img_size))}), "
+                f"got {tuple(x.shape)}."
+            )
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        return x + self.pos_embed[:, 1:]
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Prepend the cls token to (N, L', D) tokens and run the blocks.
+
+        Returns the normed tokens (N, 1 + L', D) and every block's output before the norm, cls removed.
+        """
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        hidden_states = []
+        for block in self.blocks:
+            x = block(x)
+            hidden_states.append(x[:, 1:])
+        return self.norm(x), hidden_states
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.forward_tokens(self.embed_patches(x))
