@@ -1,0 +1,352 @@
+"""Chest X-ray transforms that MONAI lacks: a PNG/JPEG/DICOM loader, classic histogram
+equalisation, shorter-side resize and an area/aspect random resized crop.
+
+Intended pipelines (ViT-B/16 at 224, as in the paper; all other steps are MONAI's own)::
+
+    train: LoadChestXRayd("image") -> HistogramEqualized("image") -> ResizeShortestd("image", 256)
+           -> RandResizedCropd("image", 224, scale=(0.08, 1.0))
+           -> RandFlipd("image", prob=0.5, spatial_axis=1)          # horizontal flip
+           -> RepeatChanneld("image", repeats=3)                     # grayscale -> 3 channels
+           -> [NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD,
+                                   channel_wise=True)]               # optional
+    eval:  LoadChestXRayd -> HistogramEqualized -> ResizeShortestd(256)
+           -> CenterSpatialCropd(roi_size=224) -> RepeatChanneld(repeats=3) -> [NormalizeIntensityd]
+
+Everything up to the resize is deterministic, so MONAI's CacheDataset caches it (it stops at the
+first ``Randomizable``). Images are channel-first ``(C, H, W)`` with H = rows; spatial axis 1 is
+the image width.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable, Resize, SpatialCrop, Transform
+from monai.utils import convert_to_dst_type, ensure_tuple_rep
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "HistogramEqualize",
+    "HistogramEqualized",
+    "LoadChestXRay",
+    "LoadChestXRayd",
+    "RandResizedCropd",
+    "ResizeShortestd",
+    "equalize_histogram",
+    "rand_resized_crop_box",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_EXPECTED = "expected a 2D image PIL can read (PNG, JPEG, TIFF, ...) or a single-frame DICOM file"
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+
+
+# ------------------------------------------------------------------------------------- loading
+def _pil_to_unit(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> float32 (H, W) in [0, 1]; 16-bit data keeps its full precision."""
+    img = ImageOps.exif_transpose(img)  # JPEGs from phones/scanners may carry an orientation tag
+    if img.mode.startswith("I;16"):
+        return np.asarray(img, dtype=np.float32) / 65535.0
+    if img.mode == "I":  # how PIL opens some 16-bit PNG/TIFF files
+        return np.clip(np.asarray(img, dtype=np.float32), 0, 65535) / 65535.0
+    if img.mode == "F":  # float TIFF: no fixed range, so use the data range
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    # L, LA, P, 1, RGB, RGBA, CMYK, ...: ITU-R 601 luma, alpha dropped
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def _first(value) -> float:
+    """First value of a possibly multi-valued DICOM element (e.g. several VOI windows)."""
+    return float(value[0]) if isinstance(value, Sequence) and not isinstance(value, str) else float(value)
+
+
+def _dicom_to_unit(ds, path: Path, window: bool) -> tuple[np.ndarray, tuple[float, float]]:
+    """Pixel data -> float32 (H, W) in [0, 1] with air dark, and the (row, column) spacing."""
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise ValueError(f"{path}: {ds.NumberOfFrames} frames; {_EXPECTED}")
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # compressed syntaxes need decoder plugins (pylibjpeg, gdcm)
+        tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise ValueError(
+            f"cannot decode the pixel data of {path} (transfer syntax {tsuid}): {e}; "
+            "compressed DICOM needs a pydicom decoder plugin such as pylibjpeg or gdcm"
+        ) from e
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if int(ds.get("SamplesPerPixel", 1)) == 3:  # colour secondary captures: luma
+        arr = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        lo, hi = 0.0, float(2**bits - 1)
+    else:
+        if not signed and bits < arr.dtype.itemsize * 8:
+            arr = arr & ((1 << bits) - 1)  # high bits beyond BitsStored are not pixel data
+        lo, hi = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
+        # modality LUT (rescale) maps stored values and the stored range alike
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        arr = arr.astype(np.float64) * slope + intercept
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    if window and "WindowCenter" in ds and "WindowWidth" in ds:
+        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        out = np.clip((arr - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5, 0.0, 1.0)  # DICOM linear VOI
+    else:
+        out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        out = 1.0 - out  # MONOCHROME1 shows low values bright; we want air dark like the PNGs
+    spacing = ds.get("PixelSpacing", ds.get("ImagerPixelSpacing", None))
+    spacing = (float(spacing[0]), float(spacing[1])) if spacing else (1.0, 1.0)
+    return out.astype(np.float32), spacing
+
+
+def _read_dicom(path: Path, force: bool):
+    import pydicom  # imported lazily: PNG-only users never pay for it
+
+    return pydicom.dcmread(path, force=force)
+
+
+class LoadChestXRay(Transform):
+    """Load a chest radiograph as a float32 ``MetaTensor`` of shape (1, H, W) in [0, 1], air dark.
+
+    Reads every PIL image mode (L, I;16, RGB, RGBA, ... -> grayscale; 16-bit data is scaled by
+    65535, not truncated to 8 bits) and DICOM (BitsStored-aware, signed or unsigned, rescale
+    slope/intercept applied, MONOCHROME1 inverted). DICOM is recognised by its ``DICM`` preamble
+    or a ``.dcm``/``.dicom`` suffix. The meta dict carries ``filename_or_obj`` and the affine holds
+    the DICOM pixel spacing (row, column) when present.
+
+    Args:
+        window: for DICOM, apply the file's first WindowCenter/WindowWidth (DICOM linear VOI
+            function) instead of mapping the whole stored range to [0, 1]. VOI LUT sequences are
+            not applied. Histogram equalisation afterwards makes this matter little.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names it).
+        ValueError: the file is neither a readable image nor a decodable DICOM (names it).
+    """
+
+    def __init__(self, window: bool = False) -> None:
+        self.window = window
+
+    def __call__(self, path: str | os.PathLike) -> MetaTensor:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"chest X-ray file not found: {path}")
+        with open(path, "rb") as f:
+            is_dicom = f.read(132)[128:132] == b"DICM" or path.suffix.lower() in _DICOM_SUFFIXES
+        spacing, fmt = (1.0, 1.0), "dicom" if is_dicom else "pil"
+        if is_dicom:
+            arr, spacing = self._dicom(path, force=True)
+        else:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    arr = _pil_to_unit(img)
+            except UnidentifiedImageError:
+                arr, spacing = self._dicom(path, force=True)  # DICOM without a preamble
+                fmt = "dicom"
+            except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt image data
+                raise ValueError(f"cannot read image {path}: {e}; {_EXPECTED}") from e
+        if arr.ndim != 2:
+            raise ValueError(f"{path}: pixel array of shape {arr.shape}; {_EXPECTED}")
+        affine = torch.diag(torch.tensor([spacing[0], spacing[1], 1.0], dtype=torch.float64))
+        meta = {"filename_or_obj": str(path), "spatial_shape": np.asarray(arr.shape),
+                "original_channel_dim": 0, "format": fmt}
+        return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr))[None], affine=affine, meta=meta)
+
+    def _dicom(self, path: Path, force: bool) -> tuple[np.ndarray, tuple[float, float]]:
+        try:
+            ds = _read_dicom(path, force)
+        except Exception as e:
+            raise ValueError(f"cannot read {path} as DICOM: {e}; {_EXPECTED}") from e
+        if "PixelData" not in ds:
+            raise ValueError(f"cannot read {path}: not an image and no DICOM pixel data; {_EXPECTED}")
+        return _dicom_to_unit(ds, path, self.window)
+
+
+class LoadChestXRayd(MapTransform):
+    """Dictionary version of :class:`LoadChestXRay`: replaces each file path under ``keys`` by
+    the loaded (1, H, W) image. Use it as the first transform of a MONAI ``Compose``.
+
+    Args:
+        keys: keys holding file paths (usually ``"image"``).
+        window: see :class:`LoadChestXRay`.
+        allow_missing_keys: do not raise if a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, window: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadChestXRay(window=window)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d
+
+
+# ------------------------------------------------------------------------ histogram equalisation
+def equalize_histogram(img: np.ndarray) -> np.ndarray:
+    """Global histogram equalisation with 256 bins, returning float32 in [0, 1] on 256 levels.
+
+    The bins span the image's own [min, max], so for 8-bit data (one level per bin) the result is
+    exactly OpenCV's ``equalizeHist`` / 255, and 12-16 bit data are not crushed into a few levels.
+    A constant image is returned unchanged (as ``equalizeHist`` does).
+    """
+    x = np.asarray(img, dtype=np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return x.astype(np.float32)
+    idx = np.minimum(((x - lo) * (256.0 / (hi - lo))).astype(np.int64), 255)
+    cdf = np.bincount(idx.ravel(), minlength=256).cumsum()
+    cdf_min = cdf[0]  # bin 0 holds the minimum, so it is the first non-empty bin
+    lut = np.round((cdf - cdf_min) * (255.0 / (cdf[-1] - cdf_min))) / 255.0
+    return lut[idx].astype(np.float32)
+
+
+class HistogramEqualize(Transform):
+    """Classic global histogram equalisation (see :func:`equalize_histogram`) of a whole image.
+
+    MONAI's ``HistogramNormalize`` interpolates the cumulative histogram linearly between bin
+    centres (and switches to scikit-image's histogram when that is installed), which differs from
+    ``equalizeHist`` by up to ~1.5 grey levels on 8-bit data; the paper's preprocessing is the
+    classic one, hence this transform.
+    """
+
+    def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        out, *_ = convert_to_dst_type(equalize_histogram(arr), dst=img, dtype=np.float32)
+        return out
+
+
+class HistogramEqualized(MapTransform):
+    """Dictionary version of :class:`HistogramEqualize`.
+
+    Args:
+        keys: keys of the images to equalise.
+        allow_missing_keys: do not raise if a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.equalize = HistogramEqualize()
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.equalize(d[key])
+        return d
+
+
+# ------------------------------------------------------------------------------ resize and crop
+class ResizeShortestd(MapTransform):
+    """Resize so that the shorter spatial side equals ``size``, keeping the aspect ratio (MONAI's
+    ``Resized`` offers only ``size_mode="longest"``). For the square NIH images this equals
+    ``Resized(spatial_size=(size, size))``; it matters for DICOMs of other aspect ratios.
+
+    Args:
+        keys: keys of (C, H, W) images.
+        size: target length of the shorter side.
+        mode: interpolation mode of ``monai.transforms.Resize``; ``"area"`` averages when shrinking.
+        allow_missing_keys: do not raise if a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, size: int, mode: str = "area", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.size, self.mode = int(size), mode
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            h, w = d[key].shape[-2:]
+            scale = self.size / min(h, w)
+            shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+            d[key] = Resize(spatial_size=shape, mode=self.mode)(d[key])
+        return d
+
+
+def rand_resized_crop_box(
+    shape: Sequence[int], scale: Sequence[float], ratio: Sequence[float], rng: np.random.RandomState
+) -> tuple[int, int, int, int]:
+    """Sample (top, left, height, width) of a crop covering a ``scale`` fraction of the area with
+    aspect ratio width/height drawn log-uniformly from ``ratio``; after 10 misses fall back to
+    the largest central crop within ``ratio`` (the Inception / torchvision recipe)."""
+    height, width = int(shape[0]), int(shape[1])
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.randint(0, height - h + 1)), int(rng.randint(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class RandResizedCropd(Randomizable, MapTransform):
+    """Random crop of random area fraction and aspect ratio, resized to ``size`` (2D).
+
+    MONAI's ``RandSpatialCropd(random_size=True)`` and ``RandScaleCropd`` draw each side
+    independently, not an area fraction and a log-uniform aspect ratio, so they do not reproduce
+    the RandomResizedCrop used for ViT training on ChestX-ray14. The same box is applied to every
+    key. Seed it with ``set_random_state`` (``Compose.set_random_state`` does so too).
+
+    Args:
+        keys: keys of (C, H, W) images.
+        size: output spatial size (int or (H, W)).
+        scale: range of the crop's fraction of the image area.
+        ratio: range of the crop's aspect ratio width / height.
+        mode: interpolation mode of ``monai.transforms.Resize``.
+        anti_aliasing: smooth before shrinking (``Resize`` applies it only when downsampling).
+        allow_missing_keys: do not raise if a key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        size: int | Sequence[int],
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        mode: str = "bilinear",
+        anti_aliasing: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"expected 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
+                             f"got scale={scale}, ratio={ratio}")
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.resize = Resize(spatial_size=ensure_tuple_rep(size, 2), mode=mode, anti_aliasing=anti_aliasing)
+        self._box: tuple[int, int, int, int] | None = None
+
+    def randomize(self, data: Sequence[int]) -> None:
+        self._box = rand_resized_crop_box(data, self.scale, self.ratio, self.R)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        first = self.first_key(d)
+        if first == ():
+            return d
+        self.randomize(d[first].shape[-2:])
+        top, left, h, w = self._box
+        crop = SpatialCrop(roi_start=(top, left), roi_end=(top + h, left + w))
+        for key in self.key_iterator(d):
+            d[key] = self.resize(crop(d[key]))
+        return d
