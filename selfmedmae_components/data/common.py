@@ -28,3 +28,31 @@ def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def load_datalist(datalist_file: str | os.PathLike, keys: str | list[str], base_dir: str | os.PathLike) -> list[dict]:
+    """Items of one or more lists of a datalist JSON, paths resolved against ``base_dir`` (the dataset folder).
+
+    Raises:
+        FileNotFoundError: the datalist (or the dataset folder) does not exist, with the command that makes it.
+        DatasetError: a requested list is missing from the datalist.
+    """
+    from monai.data import load_decathlon_datalist
+
+    datalist_file, base_dir = Path(datalist_file), Path(base_dir)
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"Dataset folder not found: {base_dir} (set --dataset_dir to the downloaded dataset).")
+    if not datalist_file.is_file():
+        raise FileNotFoundError(
+            f"Datalist not found: {datalist_file}. Create it from the downloaded dataset with the bundle's "
+            f"preparation tool (tools/prepare_*.py), or set --datalist_file."
+        )
+    with open(datalist_file) as f:
+        available = json.load(f)
+    items: list[dict] = []
+    for key in [keys] if isinstance(keys, str) else keys:
+        if key not in available:
+            raise DatasetError(f"{datalist_file} has no '{key}' list (found: {sorted(available)}).")
+        if available[key]:
+            items += load_decathlon_datalist(str(datalist_file), data_list_key=key, base_dir=str(base_dir))
+    return items

@@ -1,0 +1,29 @@
+"""Small helpers the bundle configs call."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+
+def default_bundle_root() -> str:
+    """The bundle folder of the config being run: the parent of its ``configs/`` folder.
+
+    MONAI's ConfigWorkflow knows the config folder (it adds the bundle root to ``sys.path`` the same
+    way) but does not expose it to the config, whose ``bundle_root`` is usually hard-coded ``"."``.
+    This looks up the workflow that is parsing the config, so that
+    ``python -m monai.bundle run --config_file bundles/btcv_seg/configs/finetune.yaml`` writes into
+    ``bundles/btcv_seg`` from any working directory. ``--bundle_root`` still overrides it; without a
+    workflow on the stack (a plain ConfigParser) it falls back to the working directory.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, ConfigWorkflow):
+            root = Path(candidate.config_root_path)
+            return os.fspath(root.parent if root.name == "configs" else root)
+        frame = frame.f_back
+    return os.getcwd()

@@ -1,0 +1,400 @@
+"""BTCV (Synapse multi-organ abdominal CT): datalist with the paper's split, and synthetic demo data.
+
+The dataset as downloaded::
+
+    <dataset_dir>/RawData/Training/img/img0001.nii.gz      30 labelled CTs (0001-0010, 0021-0040)
+    <dataset_dir>/RawData/Training/label/label0001.nii.gz
+    <dataset_dir>/RawData/Testing/img/img0061.nii.gz       20 unlabelled CTs (0061-0080)
+
+:func:`prepare_datalist` checks it and writes ``<dataset_dir>/datalist.json`` with paths relative
+to ``dataset_dir``. The NIfTI checks at the end of this module are shared with ``msd_brats``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .common import DatasetError, write_json_atomic
+
+BTCV_LABELS = {
+    0: "background", 1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus",
+    6: "liver", 7: "stomach", 8: "aorta", 9: "inferior vena cava", 10: "portal and splenic veins",
+    11: "pancreas", 12: "right adrenal gland", 13: "left adrenal gland",
+}  # fmt: skip
+# the 8 organs the paper reports: aorta, gallbladder, left kidney, right kidney, liver, pancreas, spleen, stomach
+PAPER_ORGANS = (8, 4, 3, 2, 6, 11, 1, 7)
+# TransUNet split (the paper's); MAE pre-trains on the training cases only
+TRAIN_CASES = (5, 6, 7, 9, 10, 21, 23, 24, 26, 27, 28, 30, 31, 33, 34, 37, 39, 40)
+EVAL_CASES = (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)
+TEST_CASES = tuple(range(61, 81))
+
+LAYOUT = (
+    "Expected the BTCV layout as downloaded: <dataset_dir>/RawData/Training/img/img0001.nii.gz, "
+    "<dataset_dir>/RawData/Training/label/label0001.nii.gz and <dataset_dir>/RawData/Testing/img/img0061.nii.gz."
+)
+AFFINE_ATOL_MM = 1e-2  # image/label affines written by different tools differ by float round-off
+
+
+def image_path(case: int) -> str:
+    return f"RawData/Training/img/img{case:04d}.nii.gz"
+
+
+def label_path(case: int) -> str:
+    return f"RawData/Training/label/label{case:04d}.nii.gz"
+
+
+def testing_image_path(case: int) -> str:
+    return f"RawData/Testing/img/img{case:04d}.nii.gz"
+
+
+def prepare_datalist(
+    dataset_dir: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    num_val_cases: int = 2,
+    seed: int = 0,
+    check_files: bool = True,
+) -> dict:
+    """Check a downloaded BTCV and write its decathlon-style datalist with the paper's split.
+
+    "training" and "validation" share the paper's 18 training cases (``num_val_cases`` of them,
+    drawn with ``seed``, are held out for checkpoint selection), "evaluation" holds the paper's 12
+    evaluation cases and "test" the unlabelled images that are present.
+
+    Args:
+        dataset_dir: folder that contains ``RawData``.
+        output: where to write the datalist; default ``<dataset_dir>/datalist.json``.
+        num_val_cases: training cases moved to "validation".
+        seed: seed of the validation draw.
+        check_files: open every file and check labels and grids (reads each file once); when
+            False only the existence of the files is checked.
+
+    Returns:
+        The datalist dict that was written.
+
+    Raises:
+        DatasetError: listing every missing or bad file and what was expected.
+    """
+    root = Path(dataset_dir).expanduser()
+    _check_layout(root)
+    if not 0 <= num_val_cases < len(TRAIN_CASES):
+        raise DatasetError(f"num_val_cases must be in 0..{len(TRAIN_CASES) - 1}, got {num_val_cases}.")
+    val_cases = sorted(random.Random(seed).sample(TRAIN_CASES, num_val_cases))
+    train_cases = [c for c in TRAIN_CASES if c not in val_cases]
+
+    problems: list[str] = []
+    for case in sorted(TRAIN_CASES + EVAL_CASES):
+        _check_pair(root / image_path(case), root / label_path(case), problems, check_files)
+    test_cases = [c for c in TEST_CASES if (root / testing_image_path(c)).is_file()]
+    for case in test_cases if check_files else ():
+        img = open_nifti(root / testing_image_path(case), problems)
+        if img is not None and len(img.shape) != 3:
+            problems.append(f"{root / testing_image_path(case)}: expected a 3-D CT volume, got shape {img.shape}")
+    if problems:
+        raise DatasetError(f"BTCV at {root}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+
+    def pairs(cases):
+        return [{"image": image_path(c), "label": label_path(c)} for c in cases]
+
+    datalist = {
+        "name": "BTCV",
+        "description": "Multi-Atlas Labeling Beyond the Cranial Vault, abdomen CT (Synapse)",
+        "labels": {str(k): v for k, v in BTCV_LABELS.items()},
+        "modality": {"0": "CT"},
+        "tensorImageSize": "3D",
+        "reported_labels": list(PAPER_ORGANS),
+        "split": {
+            "method": "TransUNet protocol (the paper's): 18 training / 12 evaluation cases; "
+            "validation = num_val_cases training cases drawn with random.Random(seed).sample",
+            "seed": seed,
+            "num_val_cases": num_val_cases,
+        },
+        "training": pairs(train_cases),
+        "validation": pairs(val_cases),
+        "evaluation": pairs(EVAL_CASES),
+        "test": [{"image": testing_image_path(c)} for c in test_cases],
+    }
+    out = write_json_atomic(datalist, output if output is not None else root / "datalist.json")
+    print(
+        f"BTCV datalist: {len(train_cases)} training, {len(val_cases)} validation, {len(EVAL_CASES)} evaluation, "
+        f"{len(test_cases)} test -> {out}"
+    )
+    return datalist
+
+
+def _check_layout(root: Path) -> None:
+    if not root.is_dir():
+        raise DatasetError(f"BTCV dataset folder {root} does not exist. {LAYOUT}")
+    if not (root / "RawData" / "Training").is_dir():
+        hint = " It looks like the RawData folder itself: pass its parent." if (root / "Training").is_dir() else ""
+        raise DatasetError(f"{root} has no RawData/Training folder.{hint} {LAYOUT}")
+
+
+def _check_pair(image: Path, label: Path, problems: list[str], check_files: bool) -> None:
+    if not check_files:
+        problems.extend(missing(p) for p in (image, label) if not p.is_file())
+        return
+    img, lab = open_nifti(image, problems), open_nifti(label, problems)
+    if img is not None and len(img.shape) != 3:
+        problems.append(f"{image}: expected a 3-D CT volume, got shape {img.shape}")
+    elif img is not None and lab is not None:
+        why = grid_mismatch(img, lab) or label_values_problem(lab, max(BTCV_LABELS))
+        if why:
+            problems.append(f"{label}: {why} (image {image.name})")
+
+
+# NIfTI checks shared by the dataset modules. Each returns None when fine, else the reason.
+
+
+def missing(path: Path) -> str:
+    return f"{path}: missing (expected a NIfTI file here)"
+
+
+def open_nifti(path: Path, problems: list[str]) -> nib.Nifti1Image | None:
+    """Open ``path`` and read the whole file once (to catch a truncated or corrupt gzip); on
+    failure append ``"<path>: <why>"`` to ``problems`` and return None."""
+    if not path.is_file():
+        problems.append(missing(path))
+        return None
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for a damaged file; report them all the same way
+        problems.append(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})")
+        return None
+    why = _unreadable_data(path, img)
+    if why:
+        problems.append(f"{path}: {why}")
+        return None
+    return img
+
+
+def _unreadable_data(path: Path, img: nib.Nifti1Image) -> str | None:
+    """Stream the whole file (constant memory) so gzip checks its CRC and length, then check that
+    the data the header promises is all there."""
+    expected = int(img.header.get_data_offset()) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    opener = gzip.open if path.name.endswith(".gz") else open
+    size = 0
+    try:
+        with opener(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                size += len(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        return f"corrupt or truncated file ({type(e).__name__}: {e})"
+    if size < expected:
+        return f"truncated: {size} bytes of data, the header needs {expected}"
+    return None
+
+
+def grid_mismatch(img: nib.Nifti1Image, lab: nib.Nifti1Image) -> str | None:
+    """Compare the label's grid with the image's spatial grid (first three axes)."""
+    if tuple(lab.shape) != tuple(img.shape[:3]):
+        return f"label shape {tuple(lab.shape)} differs from the image's spatial shape {tuple(img.shape[:3])}"
+    diff = float(np.abs(lab.affine - img.affine).max())
+    if diff > AFFINE_ATOL_MM:
+        return f"label affine differs from the image's by up to {diff:.3g} (tolerance {AFFINE_ATOL_MM})"
+    return None
+
+
+def label_values_problem(lab: nib.Nifti1Image, max_label: int) -> str | None:
+    """Labels must be integers in ``0..max_label``."""
+    data = np.asanyarray(lab.dataobj)
+    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+        return f"label values must be integers 0..{max_label}, found non-integer values"
+    bad = data[(data < 0) | (data > max_label)]
+    if bad.size:
+        found = [int(v) for v in np.unique(bad)[:10]]
+        return f"label values must be integers 0..{max_label}, found {found}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic demo data in the download layout. Geometry is drawn in patient millimetres
+# (x to the patient's right, y anterior, z superior) on 1-D coordinate axes, so each shape is
+# evaluated only inside its bounding box. The blob/capsule painters are shared with msd_brats.
+
+
+def _box(axes: tuple[np.ndarray, ...], lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...] | None:
+    """Index box of the voxels whose coordinates lie in [lo, hi] on each axis (None if empty)."""
+    box = []
+    for ax, a, b in zip(axes, lo, hi):
+        idx = np.nonzero((ax >= a) & (ax <= b))[0]
+        if idx.size == 0:
+            return None
+        box.append(slice(idx[0], idx[-1] + 1))
+    return tuple(box)
+
+
+def _grids(axes: tuple[np.ndarray, ...], box: tuple[slice, ...]) -> list[np.ndarray]:
+    """Broadcastable coordinate grids of the box."""
+    return [ax[s].reshape([-1 if i == j else 1 for j in range(3)]) for i, (ax, s) in enumerate(zip(axes, box))]
+
+
+def blob(axes, centre, radii, rng: np.random.Generator, lumps: float = 0.15):
+    """Ellipsoid with a smooth random bumpy surface; returns (box, mask in box) or None."""
+    centre, radii = np.asarray(centre, float), np.asarray(radii, float)
+    box = _box(axes, centre - 1.3 * radii, centre + 1.3 * radii)
+    if box is None:
+        return None
+    u = [(g - c) / r for g, c, r in zip(_grids(axes, box), centre, radii)]
+    freq, phase = rng.uniform(1.0, 2.5, 3), rng.uniform(0, 2 * np.pi, 3)
+    bumps = np.sin(freq[0] * np.pi * u[0] + phase[0]) * np.sin(freq[1] * np.pi * u[1] + phase[1])
+    bumps = bumps + 0.5 * np.sin(freq[2] * np.pi * u[2] + phase[2])
+    return box, u[0] ** 2 + u[1] ** 2 + u[2] ** 2 < 1 + lumps * bumps / 1.5
+
+
+def capsule(axes, a, b, radius: float):
+    """Tube of ``radius`` around the segment a-b (vessels, oesophagus); returns (box, mask) or None."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    box = _box(axes, np.minimum(a, b) - radius, np.maximum(a, b) + radius)
+    if box is None:
+        return None
+    g = _grids(axes, box)
+    ab = b - a
+    t = np.clip(sum((gi - ai) * di for gi, ai, di in zip(g, a, ab)) / max(float(ab @ ab), 1e-9), 0, 1)
+    return box, sum((gi - ai - t * di) ** 2 for gi, ai, di in zip(g, a, ab)) < radius**2
+
+
+def smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cell: int = 8) -> np.ndarray:
+    """Smooth random field (about unit variance) by linear upsampling of coarse noise."""
+    from scipy.ndimage import zoom
+
+    coarse = rng.normal(size=[max(2, s // cell + 2) for s in shape])
+    return zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)[tuple(slice(0, s) for s in shape)]
+
+
+def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 128, 48)):
+    """One synthetic abdominal CT: (int16 HU image, uint8 label with BTCV values, affine).
+
+    The field of view is fixed (in-plane 320-410 mm, 190-240 mm along z), so the voxel spacing
+    is that divided by ``shape``: 2.5-3.2 mm in-plane and 4-5 mm slices at the default shape.
+    The affine is diagonal with the first two axes flipped (LPS voxel order, as CT from DICOM).
+    """
+    n = np.asarray(shape)
+    spacing = np.array([rng.uniform(2.5, 3.2)] * 2 + [rng.uniform(4.0, 5.0)]) * np.array([128, 128, 48]) / n
+    # patient-frame axes centred on the volume: i runs right->left, j anterior->posterior, k up
+    axes = (
+        ((n[0] - 1) / 2 - np.arange(n[0])) * spacing[0],
+        ((n[1] - 1) / 2 - np.arange(n[1])) * spacing[1],
+        (np.arange(n[2]) - (n[2] - 1) / 2) * spacing[2],
+    )
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [-a[0] for a in axes[:2]] + [axes[2][0]]
+    affine[:3, 3] += rng.uniform(-30, 30, 3)  # scanner origin: arbitrary, not the body centre
+    x, y, z = (a.reshape([-1 if i == j else 1 for j in range(3)]) for i, a in enumerate(axes))
+
+    s = rng.uniform(0.85, 1.05)  # body size; organs scale with it
+    bx, by, bz = rng.normal(0, 5), rng.normal(0, 5), rng.normal(0, 10)
+    rho = np.sqrt(((x - bx) / (140 * s)) ** 2 + ((y - by) / (100 * s)) ** 2) + 0 * z  # normalised body radius
+    theta = np.degrees(np.arctan2(x - bx, y - by))  # 0 = anterior
+    img = np.full(shape, -1000.0)
+    img[rho < 1.0] = -100  # subcutaneous fat
+    img[rho < 0.93] = 50  # abdominal wall muscle
+    cavity = rho < 0.8
+    bowel = smooth_field(tuple(shape), rng) > 0.3  # loops of bowel in mesenteric fat
+    img[cavity] = np.where(bowel, 30.0, -90.0)[cavity]
+    ribs = (rho > 0.8) & (rho < 0.86) & (np.abs(theta) > 35) & (z - bz > -40)
+    img[ribs & ((z + 0.4 * np.abs(theta)) % 30 < 9)] = 700
+    label = np.zeros(shape, np.uint8)
+    contrast = rng.uniform(0.6, 1.2)  # contrast phase: how bright vessels and kidney cortex are
+
+    def at(p):  # organ position: body centre + scaled offset + jitter
+        return np.array([bx, by, bz]) + s * np.asarray(p, float) + rng.normal(0, 4, 3)
+
+    def size(r):
+        return s * rng.uniform(0.9, 1.1) * np.asarray(r, float)
+
+    def paint(shape_mask, hu, value=0, organ=True):
+        if shape_mask is None:
+            return
+        box, m = shape_mask
+        if organ:
+            m = m & cavity[box]
+        img[box][m] = hu + rng.normal(0, 5)
+        if value:
+            label[box][m] = value
+
+    # spine and back muscles (background label): vertebral bodies with discs, arch, canal
+    top, bottom = axes[2].max() + 20, axes[2].min() - 20
+    for side in (-1, 1):
+        paint(capsule(axes, at([side * 30, -78, bottom]), at([side * 30, -78, top]), 16 * s), 55, organ=False)
+        paint(capsule(axes, at([side * 25, -42, bottom]), at([side * 30, -40, -20]), 11 * s), 50, organ=False)
+    spine = at([0, -50, 0])
+    vert = capsule(axes, (spine[0], spine[1], bottom), (spine[0], spine[1], top), 18 * s)
+    paint(vert, 700, organ=False)
+    paint(capsule(axes, (spine[0], spine[1], bottom), (spine[0], spine[1], top), 15 * s), 250, organ=False)
+    if vert is not None:
+        box, m = vert
+        img[box][m & ((_grids(axes, box)[2] + bz) % 32 < 6)] = 90  # intervertebral discs
+    paint(capsule(axes, (spine[0], spine[1] - 27 * s, bottom), (spine[0], spine[1] - 27 * s, top), 9 * s), 500, organ=False)
+    paint(capsule(axes, (spine[0], spine[1] - 23 * s, bottom), (spine[0], spine[1] - 23 * s, top), 6 * s), 20, organ=False)
+
+    # organs, painted so that the small ones (vessels, adrenals) end on top
+    paint(blob(axes, at([55, 5, 35]), size([60, 70, 55]), rng), 55 + 20 * contrast, 6)  # liver
+    paint(blob(axes, at([-80, -25, 45]), size([22, 40, 40]), rng), 45 + 30 * contrast, 1)  # spleen
+    stomach = at([-50, 35, 45]), size([38, 32, 40])
+    paint(blob(axes, *stomach, rng), 45, 7)  # stomach wall
+    paint(blob(axes, stomach[0], 0.7 * stomach[1], rng, 0.05), 15)  # fluid contents
+    paint(blob(axes, stomach[0] + [0, 0.5 * stomach[1][1], 0.4 * stomach[1][2]], 0.35 * stomach[1], rng, 0), -900)
+    for value, side, zc in ((2, 1, -35), (3, -1, -25)):  # right kidney sits lower (liver above it)
+        c, r = at([side * 55, -35, zc]), size([24, 26, 48])
+        paint(blob(axes, c, r, rng, 0.05), 35 + 150 * contrast, value)  # cortex
+        paint(blob(axes, c + [-side * 6, 0, 0], 0.55 * r, rng, 0.05), 30, value)  # medulla and pelvis
+    paint(blob(axes, at([45, 45, -5]), size([15, 20, 26]), rng, 0.05), 10, 4)  # gallbladder
+    paint(capsule(axes, at([22, 0, -5]), at([-10, -5, 5]), 13 * s), 45, 11)  # pancreas head and body
+    paint(capsule(axes, at([-10, -5, 5]), at([-62, -20, 15]), 10 * s), 45, 11)  # pancreas tail
+    paint(capsule(axes, at([-12, -25, 50]), at([-16, -28, top]), 9 * s), 40, 5)  # oesophagus
+    paint(capsule(axes, at([10, -5, 0]), at([35, 5, 28]), 7 * s), 40 + 110 * contrast, 10)  # portal vein
+    paint(capsule(axes, at([10, -12, 8]), at([-65, -22, 18]), 5 * s), 40 + 110 * contrast, 10)  # splenic vein
+    paint(capsule(axes, at([20, -22, bottom]), at([22, -18, 60]), 12 * s), 40 + 90 * contrast, 9)  # IVC
+    paint(capsule(axes, at([-14, -22, bottom]), at([-10, -20, top]), 11 * s), 40 + 160 * contrast, 8)  # aorta
+    paint(blob(axes, at([38, -28, 28]), size([6, 9, 14]), rng, 0.05), 25, 12)  # right adrenal
+    paint(blob(axes, at([-38, -28, 38]), size([6, 9, 14]), rng, 0.05), 25, 13)  # left adrenal
+
+    img[rho < 1.0] += 8 * smooth_field(tuple(shape), rng, cell=4)[rho < 1.0] + rng.normal(0, 10, (rho < 1.0).sum())
+    img[rho >= 1.0] += rng.normal(0, 5, (rho >= 1.0).sum())
+    return np.clip(np.round(img), -1024, 3071).astype(np.int16), label, affine
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+
+
+def make_demo(
+    out_dir: str | os.PathLike, num_test_cases: int = 2, seed: int = 0, shape: tuple[int, int, int] = (128, 128, 48)
+) -> str:
+    """Write a small synthetic BTCV in exactly the download layout (see :func:`synthetic_ct`).
+
+    All 30 labelled cases (the ids of TRAIN_CASES and EVAL_CASES) and ``num_test_cases``
+    unlabelled cases from 0061. Each case has its own random stream, so a case does not change
+    with ``num_test_cases``.
+
+    Args:
+        out_dir: the dataset folder to create (it will contain ``RawData``).
+        num_test_cases: unlabelled cases to write (0..20).
+        seed: base seed.
+        shape: voxels per case; the field of view is fixed, so smaller shapes mean coarser voxels.
+
+    Returns:
+        ``out_dir`` as a string.
+    """
+    root = Path(out_dir)
+    if not 0 <= num_test_cases <= len(TEST_CASES):
+        raise ValueError(f"num_test_cases must be in 0..{len(TEST_CASES)}, got {num_test_cases}.")
+    for case in sorted(TRAIN_CASES + EVAL_CASES) + list(TEST_CASES[:num_test_cases]):
+        image, label, affine = synthetic_ct(np.random.default_rng([seed, case]), tuple(shape))
+        labelled = case not in TEST_CASES
+        _save(image, affine, root / (image_path(case) if labelled else testing_image_path(case)))
+        if labelled:
+            _save(label, affine, root / label_path(case))
+    return str(root)

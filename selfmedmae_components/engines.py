@@ -1,0 +1,126 @@
+"""Training steps for MONAI's SupervisedTrainer (passed as ``iteration_update``).
+
+MONAI's own step supports mixed precision only on CUDA (fp16 + GradScaler) and has no gradient
+clipping. These steps add bf16/fp16 autocast on any device, an optional gradient-norm clip (the
+original code clipped nothing and users saw NaN losses under fp16), and the MAE step, whose loss
+comes from the network itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from monai.utils import CommonKeys
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 / AMX), so autocast helps."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(device: torch.device, amp: bool, amp_dtype: str = "bfloat16") -> torch.dtype | None:
+    """The autocast dtype for ``device``, or None for float32.
+
+    bf16 is used where the hardware has it; float16 only on CUDA (with a grad scaler). On a CPU
+    without native bf16 autocast would be slower than float32, so float32 is kept.
+    """
+    if not amp:
+        return None
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}.")
+    if device.type == "cuda":
+        if amp_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return AMP_DTYPES[amp_dtype]
+    if device.type == "cpu" and amp_dtype == "bfloat16" and cpu_supports_bf16():
+        return torch.bfloat16
+    return None
+
+
+class TrainingStep:
+    """Supervised step: ``loss_function(network(image), label)`` under autocast, then an optimiser step.
+
+    Args:
+        amp: mixed precision on/off.
+        amp_dtype: "bfloat16" (default; no scaler needed) or "float16" (CUDA, with a grad scaler).
+        grad_clip_norm: clip the global gradient norm to this value; None or 0 disables it.
+    """
+
+    def __init__(self, amp: bool = False, amp_dtype: str = "bfloat16", grad_clip_norm: float | None = None) -> None:
+        self.amp = amp
+        self.amp_dtype = amp_dtype
+        self.grad_clip_norm = grad_clip_norm
+        self.scaler: torch.amp.GradScaler | None = None
+        self._dtype_for: dict[str, torch.dtype | None] = {}
+
+    def dtype(self, device: torch.device) -> torch.dtype | None:
+        if device.type not in self._dtype_for:
+            dtype = autocast_dtype(device, self.amp, self.amp_dtype)
+            self._dtype_for[device.type] = dtype
+            if self.amp and dtype is None:
+                logger.warning(f"amp requested but {device} has no fast {self.amp_dtype}: training in float32.")
+            if dtype == torch.float16:
+                self.scaler = torch.amp.GradScaler(device.type)
+        return self._dtype_for[device.type]
+
+    def compute_loss(self, engine: Any, batchdata: dict) -> tuple[torch.Tensor, dict]:
+        image = batchdata[CommonKeys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
+        label = batchdata[CommonKeys.LABEL].to(engine.state.device, non_blocking=engine.non_blocking)
+        pred = engine.network(image)
+        return engine.loss_function(pred, label), {CommonKeys.IMAGE: image, CommonKeys.LABEL: label, CommonKeys.PRED: pred}
+
+    def __call__(self, engine: Any, batchdata: dict) -> dict:
+        device = torch.device(engine.state.device)
+        dtype = self.dtype(device)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, output = self.compute_loss(engine, batchdata)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(engine.optimizer)
+        else:
+            loss.backward()
+        if self.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(engine.optimizer)
+            self.scaler.update()
+        else:
+            engine.optimizer.step()
+        output[CommonKeys.LOSS] = loss.detach()
+        return output
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class MAETrainingStep(TrainingStep):
+    """MAE pre-training step: the network returns (loss, pred, mask) for the images; no labels.
+
+    Args:
+        mask_ratio: fraction of tokens masked (None: the network's own setting).
+        amp, amp_dtype, grad_clip_norm: as for :class:`TrainingStep`.
+    """
+
+    def __init__(self, mask_ratio: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mask_ratio = mask_ratio
+
+    def compute_loss(self, engine: Any, batchdata: dict) -> tuple[torch.Tensor, dict]:
+        image = batchdata[CommonKeys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
+        loss, pred, mask = engine.network(image, self.mask_ratio)
+        return loss, {CommonKeys.IMAGE: image, CommonKeys.PRED: pred, "mask": mask}

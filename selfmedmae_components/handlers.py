@@ -1,0 +1,145 @@
+"""Ignite handlers MONAI lacks: MAE reconstruction images, a per-epoch loss log, atomic checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointSaver
+from monai.utils import CommonKeys
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if hasattr(network, "module") else network
+
+
+def _first(output: Any) -> Any:
+    return output[0] if isinstance(output, list) else output
+
+
+def reconstruction_panel(mae: torch.nn.Module, image: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """One sample as [original | masked | reconstruction] (uint8, H x 3W): channel 0, middle axial slice for 3D.
+
+    Predictions of a normalised-pixel MAE are mapped back with each patch's own mean and std; visible
+    patches are shown as the input (as in the MAE paper's figures), masked ones as predicted.
+    """
+    image, pred, mask = image[:1].float(), pred[:1].float(), mask[:1].float()
+    target = mae.patchify(image)
+    if getattr(mae, "norm_pix_loss", False):
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True, unbiased=False) + 1e-6) ** 0.5
+        pred = pred * std + mean
+    m = mask.unsqueeze(-1)
+    masked = mae.unpatchify(target * (1 - m))
+    recon = mae.unpatchify(target * (1 - m) + pred * m)
+    views = [image, masked, recon]
+    if image.ndim == 5:  # (1, C, H, W, D): axial slice in the middle of the last (superior-inferior) axis
+        views = [v[..., v.shape[-1] // 2] for v in views]
+        views = [v[0, 0].T.flip(0) for v in views]  # RAS (x, y) -> rows anterior to posterior
+    else:
+        views = [v[0, 0] for v in views]
+    lo, hi = views[0].min(), views[0].max()
+    panel = torch.cat([(v - lo) / (hi - lo + 1e-8) for v in views], dim=1).clamp(0, 1)
+    zoom = max(1, 192 // panel.shape[0])  # small demo crops are enlarged to stay visible
+    panel = panel.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+    return panel.mul(255).byte().cpu().numpy()
+
+
+class ReconstructionImageHandler:
+    """Every ``interval`` epochs, writes the last batch's first sample as original / masked /
+    reconstruction to TensorBoard (tag ``mae/reconstruction``) and as a PNG.
+
+    Args:
+        log_dir: TensorBoard log directory (None: no TensorBoard image).
+        output_dir: folder for ``reconstruction_epoch<E>.png`` and ``reconstruction_latest.png`` (None: no PNG).
+        interval: epochs between images.
+        summary_writer: an existing SummaryWriter to use instead of creating one in ``log_dir``.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | None = None,
+        output_dir: str | None = None,
+        interval: int = 1,
+        summary_writer: Any = None,
+    ) -> None:
+        self.log_dir = log_dir
+        self.output_dir = output_dir
+        self.interval = max(1, int(interval))
+        self._writer = summary_writer
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None and self.log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return self._writer
+
+    def __call__(self, engine: Engine) -> None:
+        out = _first(engine.state.output)
+        if not isinstance(out, dict) or "mask" not in out:
+            return
+        with torch.no_grad():
+            panel = reconstruction_panel(_unwrap(engine.network), out[CommonKeys.IMAGE], out[CommonKeys.PRED], out["mask"])
+        epoch = engine.state.epoch
+        if self.writer is not None:
+            self.writer.add_image("mae/reconstruction", panel[None], epoch)
+            self.writer.flush()
+        if self.output_dir is not None:
+            Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+            for name in (f"reconstruction_epoch{epoch:05d}.png", "reconstruction_latest.png"):
+                Image.fromarray(panel).save(os.path.join(self.output_dir, name))
+
+
+class EpochLossLogger:
+    """Appends ``epoch, iteration, mean loss, lr`` to a CSV at every epoch end (the learning curve that
+    tests and the demo read back; TensorBoard has the same through MONAI's handlers)."""
+
+    def __init__(self, output_file: str, loss_key: str = CommonKeys.LOSS) -> None:
+        self.output_file = output_file
+        self.loss_key = loss_key
+        self._losses: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._losses.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _collect(self, engine: Engine) -> None:
+        self._losses.append(_first(engine.state.output)[self.loss_key])
+
+    def __call__(self, engine: Engine) -> None:
+        mean_loss = torch.stack([torch.as_tensor(x).float() for x in self._losses]).mean().item()
+        path = Path(self.output_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or engine.state.epoch == 1
+        with open(path, "w" if new else "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["epoch", "iteration", "loss", "lr"])
+            w.writerow([engine.state.epoch, engine.state.iteration, f"{mean_loss:.6f}", engine.optimizer.param_groups[-1]["lr"]])
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's CheckpointSaver writing through a temporary file and a rename, so a crash mid-write
+    never leaves a truncated checkpoint (MONAI turns Ignite's atomic mode off for file permissions)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler._atomic = True

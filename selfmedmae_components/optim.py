@@ -1,0 +1,67 @@
+"""Optimiser parameter groups: weight-decay exclusions and layer-wise learning-rate decay."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+
+
+def _no_weight_decay(name: str, param) -> bool:
+    # biases, LayerNorm/InstanceNorm weights and the learned tokens are not decayed
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+
+
+def effective_lr(base_lr: float, batch_size: int) -> float:
+    """The linear scaling rule of MAE: lr = base_lr * global batch / 256."""
+    return base_lr * batch_size / 256
+
+
+def param_groups_weight_decay(model: nn.Module, lr: float, weight_decay: float = 0.05) -> list[dict]:
+    """Two groups, with and without weight decay (MAE pre-training)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_weight_decay(name, p) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+    ]
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for the embedding (patch embedding, cls, position), b + 1 for encoder block b, and
+    num_layers + 1 for everything after the blocks (final norm, head, UNETR decoder)."""
+    name = name.removeprefix("module.")
+    if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return num_layers + 1
+
+
+def param_groups_layer_decay(
+    model: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.75
+) -> list[dict]:
+    """Parameter groups for fine-tuning a ViT-based network whose encoder is ``model.encoder``.
+
+    Layer i gets ``lr * layer_decay ** (num_layers + 1 - i)``: the embedding ``0.75^13``, block b
+    (0-based) ``0.75^(12 - b)``, the final norm, head and decoder ``1.0`` (ViT-B, decay 0.75).
+    Each group carries its ``lr_scale``; schedulers multiply the group's initial lr.
+    """
+    module = model.module if hasattr(model, "module") else model
+    num_layers = len(module.encoder.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid, no_wd = layer_id(name, num_layers), _no_weight_decay(name, p)
+        if (lid, no_wd) not in groups:
+            scale = layer_decay ** (num_layers + 1 - lid)
+            groups[(lid, no_wd)] = {
+                "params": [], "param_names": [], "lr": lr * scale, "lr_scale": scale,
+                "weight_decay": 0.0 if no_wd else weight_decay,
+            }  # fmt: skip
+        groups[(lid, no_wd)]["params"].append(p)
+        groups[(lid, no_wd)]["param_names"].append(name)
+    return [groups[k] for k in sorted(groups)]
