@@ -284,7 +284,7 @@ def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 1
         (np.arange(n[2]) - (n[2] - 1) / 2) * spacing[2],
     )
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = [-a[0] for a in axes[:2]] + [axes[2][0]]
+    affine[:3, 3] = [a[0] for a in axes]  # voxel 0 sits at the first coordinate of each axis
     affine[:3, 3] += rng.uniform(-30, 30, 3)  # scanner origin: arbitrary, not the body centre
     x, y, z = (a.reshape([-1 if i == j else 1 for j in range(3)]) for i, a in enumerate(axes))
 
