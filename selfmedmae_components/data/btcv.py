@@ -201,15 +201,16 @@ def grid_mismatch(img: nib.Nifti1Image, lab: nib.Nifti1Image) -> str | None:
     return None
 
 
-def label_values_problem(lab: nib.Nifti1Image, max_label: int) -> str | None:
-    """Labels must be integers in ``0..max_label``."""
+def label_values_problem(lab: nib.Nifti1Image, max_label: int, hints: dict[int, str] | None = None) -> str | None:
+    """Labels must be integers in ``0..max_label``; ``hints`` adds advice for known wrong values."""
     data = np.asanyarray(lab.dataobj)
     if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
         return f"label values must be integers 0..{max_label}, found non-integer values"
     bad = data[(data < 0) | (data > max_label)]
     if bad.size:
         found = [int(v) for v in np.unique(bad)[:10]]
-        return f"label values must be integers 0..{max_label}, found {found}"
+        advice = "".join(f" ({hints[v]})" for v in found if hints and v in hints)
+        return f"label values must be integers 0..{max_label}, found {found}{advice}"
     return None
 
 
@@ -290,7 +291,7 @@ def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 1
 
     s = rng.uniform(0.85, 1.05)  # body size; organs scale with it
     bx, by, bz = rng.normal(0, 5), rng.normal(0, 5), rng.normal(0, 10)
-    rho = np.sqrt(((x - bx) / (140 * s)) ** 2 + ((y - by) / (100 * s)) ** 2) + 0 * z  # normalised body radius
+    rho = np.broadcast_to(np.sqrt(((x - bx) / (140 * s)) ** 2 + ((y - by) / (100 * s)) ** 2), shape)  # body radius 0..1
     theta = np.degrees(np.arctan2(x - bx, y - by))  # 0 = anterior
     img = np.full(shape, -1000.0)
     img[rho < 1.0] = -100  # subcutaneous fat
@@ -325,14 +326,18 @@ def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 1
         paint(capsule(axes, at([side * 30, -78, bottom]), at([side * 30, -78, top]), 16 * s), 55, organ=False)
         paint(capsule(axes, at([side * 25, -42, bottom]), at([side * 30, -40, -20]), 11 * s), 50, organ=False)
     spine = at([0, -50, 0])
-    vert = capsule(axes, (spine[0], spine[1], bottom), (spine[0], spine[1], top), 18 * s)
-    paint(vert, 700, organ=False)
-    paint(capsule(axes, (spine[0], spine[1], bottom), (spine[0], spine[1], top), 15 * s), 250, organ=False)
+
+    def column(dy, radius):  # vertical tube behind the vertebral body centre
+        return capsule(axes, (spine[0], spine[1] + dy, bottom), (spine[0], spine[1] + dy, top), radius * s)
+
+    vert = column(0, 18)
+    paint(vert, 700, organ=False)  # cortical bone
+    paint(column(0, 15), 250, organ=False)  # cancellous bone
     if vert is not None:
         box, m = vert
         img[box][m & ((_grids(axes, box)[2] + bz) % 32 < 6)] = 90  # intervertebral discs
-    paint(capsule(axes, (spine[0], spine[1] - 27 * s, bottom), (spine[0], spine[1] - 27 * s, top), 9 * s), 500, organ=False)
-    paint(capsule(axes, (spine[0], spine[1] - 23 * s, bottom), (spine[0], spine[1] - 23 * s, top), 6 * s), 20, organ=False)
+    paint(column(-27, 9), 500, organ=False)  # vertebral arch
+    paint(column(-23, 6), 20, organ=False)  # spinal canal
 
     # organs, painted so that the small ones (vessels, adrenals) end on top
     paint(blob(axes, at([55, 5, 35]), size([60, 70, 55]), rng), 55 + 20 * contrast, 6)  # liver
@@ -348,7 +353,9 @@ def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 1
     paint(blob(axes, at([45, 45, -5]), size([15, 20, 26]), rng, 0.05), 10, 4)  # gallbladder
     paint(capsule(axes, at([22, 0, -5]), at([-10, -5, 5]), 13 * s), 45, 11)  # pancreas head and body
     paint(capsule(axes, at([-10, -5, 5]), at([-62, -20, 15]), 10 * s), 45, 11)  # pancreas tail
-    paint(capsule(axes, at([-12, -25, 50]), at([-16, -28, top]), 9 * s), 40, 5)  # oesophagus
+    hiatus = at([-14, -24, 65])
+    paint(capsule(axes, at([-32, 12, 42]), hiatus, 8 * s), 40, 5)  # oesophagus down to the stomach
+    paint(capsule(axes, hiatus, at([-12, -28, top]), 9 * s), 40, 5)
     paint(capsule(axes, at([10, -5, 0]), at([35, 5, 28]), 7 * s), 40 + 110 * contrast, 10)  # portal vein
     paint(capsule(axes, at([10, -12, 8]), at([-65, -22, 18]), 5 * s), 40 + 110 * contrast, 10)  # splenic vein
     paint(capsule(axes, at([20, -22, bottom]), at([22, -18, 60]), 12 * s), 40 + 90 * contrast, 9)  # IVC
@@ -361,7 +368,7 @@ def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 1
     return np.clip(np.round(img), -1024, 3071).astype(np.int16), label, affine
 
 
-def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -394,7 +401,7 @@ def make_demo(
     for case in sorted(TRAIN_CASES + EVAL_CASES) + list(TEST_CASES[:num_test_cases]):
         image, label, affine = synthetic_ct(np.random.default_rng([seed, case]), tuple(shape))
         labelled = case not in TEST_CASES
-        _save(image, affine, root / (image_path(case) if labelled else testing_image_path(case)))
+        save_nifti(image, affine, root / (image_path(case) if labelled else testing_image_path(case)))
         if labelled:
-            _save(label, affine, root / label_path(case))
+            save_nifti(label, affine, root / label_path(case))
     return str(root)
