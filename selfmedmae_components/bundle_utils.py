@@ -27,3 +27,14 @@ def default_bundle_root() -> str:
             return os.fspath(root.parent if root.name == "configs" else root)
         frame = frame.f_back
     return os.getcwd()
+
+
+def existing_files(files: list[str] | str, what: str = "input") -> list[str]:
+    """The given files, checked: an empty list or a missing file is an error that names it."""
+    files = [files] if isinstance(files, str) else list(files)
+    if not files:
+        raise FileNotFoundError(f"No input images found ({what}): give an existing folder of .nii/.nii.gz files.")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"Input image(s) not found: {missing}")
+    return files
