@@ -192,7 +192,10 @@ def prepare_datalist(
     Raises:
         DatasetError: a missing folder, file, column or image, an unknown label or image name, or
             an undecodable image; the message names the file and what was expected.
+        ValueError: ``val_fraction`` outside [0, 1).
     """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     root = Path(dataset_dir)
     if not root.is_dir():
         raise DatasetError(f"dataset directory not found: {root}; {LAYOUT}")
