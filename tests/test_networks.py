@@ -1,0 +1,140 @@
+"""The MAE and ViT follow REFERENCE.md section 2 exactly: patch order, sine-cosine tables, masking, loss."""
+
+import math
+
+import pytest
+import torch
+
+from selfmedmae_components.networks import UNETR, MaskedAutoencoder, ViTClassifier, ViTEncoder, sincos_pos_embed
+
+TINY = dict(hidden_size=48, num_layers=2, num_heads=4, decoder_hidden_size=48, decoder_num_layers=1, decoder_num_heads=4)
+
+
+def tiny_mae(spatial_dims=3, in_channels=1, img_size=32, mask_ratio=0.75):
+    return MaskedAutoencoder(in_channels, img_size, 16, spatial_dims, mask_ratio=mask_ratio, **TINY)
+
+
+@pytest.mark.parametrize("spatial_dims,in_channels", [(3, 1), (3, 4), (2, 3)])
+def test_patchify_unpatchify_round_trip(spatial_dims, in_channels):
+    mae = tiny_mae(spatial_dims, in_channels)
+    imgs = torch.randn(2, in_channels, *([32] * spatial_dims))
+    patches = mae.patchify(imgs)
+    assert patches.shape == (2, 2**spatial_dims, in_channels * 16**spatial_dims)
+    assert torch.equal(mae.unpatchify(patches), imgs)
+
+
+def test_patchify_order_tokens_row_major_channel_fastest():
+    mae = tiny_mae(3, in_channels=2)
+    imgs = torch.randn(1, 2, 32, 32, 32)
+    patches = mae.patchify(imgs)
+    # token t = (i, j, k) row-major over the 2x2x2 grid; value index ((p1 * 16 + p2) * 16 + p3) * C + c
+    i, j, k, p1, p2, p3, c = 1, 0, 1, 3, 7, 11, 1
+    t = (i * 2 + j) * 2 + k
+    v = ((p1 * 16 + p2) * 16 + p3) * 2 + c
+    assert patches[0, t, v] == imgs[0, c, i * 16 + p1, j * 16 + p2, k * 16 + p3]
+
+
+@pytest.mark.parametrize("grid,dim", [((6, 6, 6), 768), ((14, 14), 96), ((2, 3, 4), 48)])
+def test_sincos_table_matches_formula(grid, dim):
+    table = sincos_pos_embed(grid, dim, cls_token=True)[0]
+    assert table.shape == (1 + math.prod(grid), dim)
+    assert torch.all(table[0] == 0)  # cls slot
+    d = dim // (2 * len(grid))
+    positions = torch.cartesian_prod(*[torch.arange(g) for g in grid]).reshape(-1, len(grid))  # row-major ('ij')
+    for token in (0, 5, math.prod(grid) - 1):
+        expected = []
+        for axis in range(len(grid)):
+            pos = positions[token, axis].item()
+            expected += [math.sin(pos / 10000 ** (kk / d)) for kk in range(d)]
+            expected += [math.cos(pos / 10000 ** (kk / d)) for kk in range(d)]
+        assert torch.allclose(table[1 + token], torch.tensor(expected), atol=1e-6)
+
+
+def test_sincos_rejects_width_not_divisible():
+    with pytest.raises(ValueError, match="divisible by 6"):
+        sincos_pos_embed((6, 6, 6), 100)
+
+
+@pytest.mark.parametrize("mask_ratio,visible", [(0.75, 54), (0.125, 189)])
+def test_masking_keeps_paper_token_counts_per_sample(mask_ratio, visible):
+    mae = MaskedAutoencoder(1, 96, 16, 3, mask_ratio=mask_ratio, **TINY)
+    x = torch.randn(3, 216, 8)
+    x_visible, mask, ids_restore = mae.random_masking(x, mask_ratio)
+    assert x_visible.shape == (3, visible, 8)
+    assert torch.all(mask.sum(1) == 216 - visible)
+    assert not torch.equal(mask[0], mask[1])  # an independent permutation per sample
+    # the visible tokens are exactly the unmasked ones, in shuffled order
+    for n in range(3):
+        kept = x[n][mask[n] == 0]
+        assert torch.equal(torch.sort(x_visible[n].sum(1)).values, torch.sort(kept.sum(1)).values)
+
+
+def test_encoder_processes_only_visible_tokens():
+    mae = MaskedAutoencoder(1, 64, 16, 3, mask_ratio=0.75, **TINY)
+    latent, mask, _ = mae.forward_encoder(torch.randn(2, 1, 64, 64, 64), 0.75)
+    assert latent.shape == (2, 1 + 16, 48)  # cls + 64 * 0.25 visible tokens
+
+
+def test_loss_counts_masked_patches_only():
+    torch.manual_seed(0)
+    mae = tiny_mae(3)
+    imgs = torch.randn(2, 1, 32, 32, 32)
+    pred = torch.randn(2, 8, 16**3)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 1, 0, 0, 0]], dtype=torch.float)
+    loss = mae.forward_loss(imgs, pred, mask)
+    changed_visible = pred.clone()
+    changed_visible[mask == 0] += 100.0
+    assert torch.allclose(mae.forward_loss(imgs, changed_visible, mask), loss)
+    changed_masked = pred.clone()
+    changed_masked[mask == 1] += 1.0
+    assert not torch.allclose(mae.forward_loss(imgs, changed_masked, mask), loss)
+    # normalised-pixel target: the loss is zero when the prediction is the per-patch normalised input
+    target = mae.patchify(imgs)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True, unbiased=False) + 1e-6) ** 0.5
+    assert mae.forward_loss(imgs, target, mask).item() < 1e-8
+
+
+def test_mae_trains_on_a_fixed_batch():
+    torch.manual_seed(0)
+    mae = tiny_mae(3, mask_ratio=0.5)
+    g = torch.linspace(0, 6.28, 32)
+    x = torch.sin(g[:, None, None] + 2 * g[None, :, None]) * torch.cos(g[None, None, :])  # smooth, predictable
+    x = torch.stack([x, x.flip(0)])[:, None]
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        torch.manual_seed(1)  # the same mask every step: the network must fit the masked patches
+        loss, _, _ = mae(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_mae_init_and_fixed_tables():
+    mae = tiny_mae(3)
+    assert not mae.encoder.pos_embed.requires_grad and not mae.decoder_pos_embed.requires_grad
+    assert torch.all(mae.encoder.patch_embed.bias == 0) and torch.all(mae.decoder_pred.bias == 0)
+    assert 0.01 < mae.encoder.cls_token.std().item() < 0.03
+    assert mae.encoder.norm.eps == 1e-6
+
+
+def test_vit_encoder_input_checks():
+    enc = ViTEncoder(1, 32, 16, 3, hidden_size=48, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match=r"expects input \(N, 1, 32, 32, 32\)"):
+        enc(torch.randn(1, 1, 48, 48, 48))
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        ViTEncoder(1, 40, 16, 3)
+
+
+def test_unetr_and_classifier_shapes_and_learnable_pos_embed():
+    unetr = UNETR(1, 14, 32, hidden_size=48, num_layers=3, num_heads=4, skip_blocks=(1, 2, 3))
+    assert unetr(torch.randn(1, 1, 32, 32, 32)).shape == (1, 14, 32, 32, 32)
+    assert unetr.encoder.pos_embed.requires_grad
+    # initialised from the sine-cosine table, zero cls row
+    assert torch.allclose(unetr.encoder.pos_embed.data, sincos_pos_embed((2, 2, 2), 48))
+    clf = ViTClassifier(3, 14, 32, hidden_size=48, num_layers=2, num_heads=4)
+    assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 14)
+    with pytest.raises(ValueError, match="skip_blocks"):
+        UNETR(1, 14, 32, hidden_size=48, num_layers=3, num_heads=4)  # default (3, 6, 9) needs 9 blocks

@@ -1,0 +1,56 @@
+"""Layer-wise LR decay groups and weight-decay exclusions (REFERENCE.md, fine-tuning)."""
+
+import pytest
+
+from selfmedmae_components.networks import UNETR, MaskedAutoencoder, ViTClassifier
+from selfmedmae_components.optim import effective_lr, layer_id, param_groups_layer_decay, param_groups_weight_decay
+
+
+def scales_by_name(groups):
+    return {name: (g["lr_scale"], g["weight_decay"]) for g in groups for name in g["param_names"]}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: UNETR(1, 14, 32, hidden_size=48, num_layers=12, num_heads=4),
+    lambda: ViTClassifier(3, 14, 32, hidden_size=48, num_layers=12, num_heads=4),
+])
+def test_layer_decay_scales_of_vit_b_depth(make):
+    model = make()
+    groups = param_groups_layer_decay(model, lr=1.0, weight_decay=0.05, layer_decay=0.75)
+    scales = scales_by_name(groups)
+    assert set(scales) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in ("encoder.patch_embed.weight", "encoder.cls_token", "encoder.pos_embed"):
+        assert scales[name][0] == pytest.approx(0.75**13)
+    for b in range(12):
+        assert scales[f"encoder.blocks.{b}.attn.qkv.weight"][0] == pytest.approx(0.75 ** (12 - b))
+    assert scales["encoder.norm.weight"][0] == 1.0
+    others = [n for n in scales if not n.startswith("encoder.")]
+    assert others and all(scales[n][0] == 1.0 for n in others)  # head / whole UNETR decoder
+    for g in groups:
+        assert g["lr"] == pytest.approx(g["lr_scale"])
+
+
+def test_no_weight_decay_on_biases_norms_tokens_and_position_embedding():
+    model = ViTClassifier(3, 14, 32, hidden_size=48, num_layers=2, num_heads=4)
+    scales = scales_by_name(param_groups_layer_decay(model, lr=1.0))
+    for name in ("encoder.pos_embed", "encoder.cls_token", "encoder.blocks.0.norm1.weight",
+                 "encoder.blocks.0.attn.qkv.bias", "head.bias"):
+        assert scales[name][1] == 0.0, name
+    for name in ("encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.weight", "head.weight"):
+        assert scales[name][1] == 0.05, name
+
+
+def test_pretraining_groups_skip_fixed_tables():
+    mae = MaskedAutoencoder(1, 32, 16, 3, hidden_size=48, num_layers=1, num_heads=4, decoder_hidden_size=48,
+                            decoder_num_layers=1, decoder_num_heads=4)
+    decay, no_decay = param_groups_weight_decay(mae, lr=1.0)
+    ids = {id(p) for p in decay["params"] + no_decay["params"]}
+    assert id(mae.encoder.pos_embed) not in ids and id(mae.decoder_pos_embed) not in ids
+    assert id(mae.mask_token) in {id(p) for p in no_decay["params"]}
+
+
+def test_layer_id_and_effective_lr():
+    assert layer_id("module.encoder.blocks.3.mlp.linear1.weight", 12) == 4
+    assert layer_id("decoder5.conv.weight", 12) == 13
+    assert effective_lr(1.5e-4, 256) == pytest.approx(1.5e-4)
+    assert effective_lr(1.6e-3, 24) == pytest.approx(1.5e-4)

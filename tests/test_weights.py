@@ -1,0 +1,91 @@
+"""MAE -> UNETR / classifier weight transfer: every encoder tensor loads, and nothing fails silently."""
+
+import os
+
+import pytest
+import torch
+
+from selfmedmae_components.networks import UNETR, MaskedAutoencoder, ViTClassifier
+from selfmedmae_components.weights import CheckpointError, init_encoder, load_state_dict, transfer_encoder
+
+VIT = dict(hidden_size=48, num_layers=3, num_heads=4)
+
+
+def save_mae(path, img_size=32, spatial_dims=3, in_channels=1, wrap=True):
+    mae = MaskedAutoencoder(in_channels, img_size, 16, spatial_dims, decoder_hidden_size=48, decoder_num_layers=1,
+                            decoder_num_heads=4, **VIT)  # fmt: skip
+    torch.save({"model": mae.state_dict()} if wrap else mae.state_dict(), path)
+    return mae
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_transfer_loads_every_encoder_tensor_into_unetr(tmp_path, wrap):
+    mae = save_mae(tmp_path / "mae.pt", wrap=wrap)
+    unetr = UNETR(1, 14, 32, skip_blocks=(1, 2, 3), **VIT)
+    report = transfer_encoder(unetr, tmp_path / "mae.pt")
+    mae_encoder = {k: v for k, v in mae.state_dict().items() if k.startswith("encoder.")}
+    assert sorted(report.loaded) == sorted(mae_encoder)
+    for key, value in mae_encoder.items():
+        assert torch.equal(unetr.state_dict()[key], value), key
+    assert "encoder.pos_embed" in report.loaded and unetr.encoder.pos_embed.requires_grad
+    assert any(k.startswith("decoder_blocks") for k in report.dropped) and "mask_token" in report.dropped
+    assert any(k.startswith("decoder5") for k in report.initialised)
+    assert "loaded" in str(report) and "dropped" in str(report)
+
+
+def test_transfer_2d_into_classifier_including_position_embedding(tmp_path):
+    mae = save_mae(tmp_path / "mae2d.pt", img_size=64, spatial_dims=2, in_channels=3)
+    clf = ViTClassifier(3, 14, 64, **VIT)
+    report = transfer_encoder(clf, tmp_path / "mae2d.pt")
+    assert torch.equal(clf.encoder.pos_embed, mae.encoder.pos_embed)
+    assert len(report.loaded) == len([k for k in mae.state_dict() if k.startswith("encoder.")])
+    assert report.initialised == ["head.weight", "head.bias"]
+
+
+def test_transfer_fails_loudly_on_a_different_roi(tmp_path):
+    save_mae(tmp_path / "mae.pt", img_size=32)
+    unetr = UNETR(1, 14, 48, skip_blocks=(1, 2, 3), **VIT)  # fine-tuning ROI differs from pre-training
+    with pytest.raises(CheckpointError, match=r"(?s)mae.pt does not fit.*encoder.pos_embed: checkpoint \(1, 9, 48\) vs model \(1, 28, 48\)"):
+        transfer_encoder(unetr, tmp_path / "mae.pt")
+
+
+def test_missing_checkpoint_is_an_error_not_scratch_training(tmp_path):
+    unetr = UNETR(1, 14, 32, skip_blocks=(1, 2, 3), **VIT)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        init_encoder(unetr, "mae", tmp_path / "nope.pt")
+    with pytest.raises(ValueError, match="init_mode"):
+        init_encoder(unetr, "imagenet?", None)
+    before = {k: v.clone() for k, v in unetr.state_dict().items()}
+    init_encoder(unetr, "scratch")
+    assert all(torch.equal(before[k], v) for k, v in unetr.state_dict().items())
+
+
+def test_checkpoint_without_encoder_is_refused(tmp_path):
+    torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="contains no 'encoder.\\*' tensors"):
+        transfer_encoder(UNETR(1, 14, 32, skip_blocks=(1, 2, 3), **VIT), tmp_path / "other.pt")
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="Refusing to load .*evil.pt"):
+        load_state_dict(tmp_path / "evil.pt")
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    save_mae(tmp_path / "mae.pt")
+    data = (tmp_path / "mae.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_state_dict(tmp_path / "cut.pt")
+
+
+def test_ddp_prefix_is_removed(tmp_path):
+    mae = save_mae(tmp_path / "mae.pt", wrap=False)
+    torch.save({"model": {f"module.{k}": v for k, v in mae.state_dict().items()}}, tmp_path / "ddp.pt")
+    assert set(load_state_dict(tmp_path / "ddp.pt")) == set(mae.state_dict())
