@@ -1,0 +1,105 @@
+"""btcv_seg end to end on generated data in the BTCV download layout, through `python -m monai.bundle run`.
+
+The pipeline (prepare -> pretrain -> finetune -> evaluate -> inference) runs once per module with the
+demo preset made smaller still (32^3 crops at 8 mm); the tests then read what it wrote.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bundle_runner import configs, read_losses, run_bundle, run_bundle_expect_error
+from selfmedmae_components.data import btcv
+
+TINY = dict(roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("btcv")
+    data = root / "btcv"
+    btcv.make_demo(data, num_test_cases=1, shape=(64, 64, 24))
+    btcv.prepare_datalist(data)
+    out = root / "run"
+    common = dict(dataset_dir=data, bundle_root=out, **TINY)
+    run_bundle("pretrain", configs("btcv_seg", "pretrain", "demo"), max_epochs=6, image_interval=3, **common)
+    # untrained reference: a randomly initialised UNETR (one epoch at learning rate 0)
+    run_bundle("finetune", configs("btcv_seg", "finetune", "demo"), max_epochs=1, learning_rate=0.0, init_mode="scratch", **common,
+               ckpt_dir=out / "untrained", validation_mode="none")
+    run_bundle("evaluate", configs("btcv_seg", "evaluate", "demo"), checkpoint=out / "untrained" / "model.pt",
+               output_dir=out / "eval_untrained", **common)
+    run_bundle("finetune", configs("btcv_seg", "finetune", "demo"), max_epochs=25, val_interval=5, **common)
+    run_bundle("evaluate", configs("btcv_seg", "evaluate", "demo"), **common)
+    run_bundle("inference", configs("btcv_seg", "inference", "demo"), bundle_root=out, input_dir=data / "RawData/Testing/img",
+               roi_size=TINY["roi_size"], pixdim=TINY["pixdim"], hidden_size=48, num_workers=0)
+    return data, out
+
+
+def test_mae_loss_falls_and_reconstruction_is_written(pipeline):
+    _, out = pipeline
+    losses = read_losses(out / "logs/pretrain/loss.csv")
+    assert len(losses) == 6
+    assert losses[-1] < losses[0]
+    assert (out / "logs/pretrain/reconstruction_latest.png").is_file()
+    assert (out / "models/mae_pretrain.pt").is_file()
+
+
+def test_finetune_loads_the_pretrained_encoder_and_learns(pipeline):
+    _, out = pipeline
+    losses = read_losses(out / "logs/finetune/loss.csv")
+    assert losses[-1] < 0.8 * losses[0]
+    # the best-validation model.pt and the final weights are both kept
+    assert (out / "models/model.pt").is_file() and (out / "models/model_final.pt").is_file()
+
+
+def test_evaluation_reports_dice_well_above_an_untrained_model(pipeline):
+    _, out = pipeline
+    trained = json.loads((out / "eval/summary.json").read_text())
+    untrained = json.loads((out / "eval_untrained/summary.json").read_text())
+    assert trained["num_cases"] == 12  # the paper's evaluation cases, never used for selection
+    dice8 = trained["groups"]["8 organs (paper)"]["dice"]
+    # a few minutes of CPU training: large organs are learnt first, small ones not yet
+    assert dice8 > 0.06 and dice8 > 3 * untrained["groups"]["8 organs (paper)"]["dice"]
+    assert trained["per_class"]["dice"]["liver"] > 0.4
+    assert np.isfinite(trained["groups"]["13 organs"]["hd95"])
+    header = (out / "eval/per_case.csv").read_text().splitlines()[0]
+    assert "dice_liver" in header and "hd95_pancreas" in header
+
+
+def test_inference_writes_label_maps_in_the_input_geometry(pipeline):
+    data, out = pipeline
+    image = nib.load(data / "RawData/Testing/img/img0061.nii.gz")
+    pred = nib.load(out / "predictions/img0061_seg.nii.gz")
+    assert pred.shape == image.shape
+    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+    values = np.unique(np.asarray(pred.dataobj))
+    assert values.min() >= 0 and values.max() <= 13 and len(values) > 1
+
+
+def test_wrong_dataset_dir_is_a_clear_error(tmp_path):
+    msg = run_bundle_expect_error("pretrain", configs("btcv_seg", "pretrain", "demo"), dataset_dir=tmp_path / "nowhere",
+                                  bundle_root=tmp_path, **TINY)
+    assert "Dataset folder not found" in msg and "nowhere" in msg
+
+
+def test_missing_datalist_names_the_prepare_tool(tmp_path):
+    msg = run_bundle_expect_error("pretrain", configs("btcv_seg", "pretrain", "demo"), dataset_dir=tmp_path,
+                                  bundle_root=tmp_path, **TINY)
+    assert "datalist.json" in msg and "prepare" in msg
+
+
+def test_missing_pretrained_checkpoint_is_an_error(pipeline, tmp_path):
+    data, _ = pipeline
+    msg = run_bundle_expect_error("finetune", configs("btcv_seg", "finetune", "demo"), dataset_dir=data,
+                                  bundle_root=tmp_path, max_epochs=1, **TINY)
+    assert "Checkpoint not found" in msg and "mae_pretrain.pt" in msg
+
+
+def test_missing_model_for_inference_is_an_error(pipeline, tmp_path):
+    data, _ = pipeline
+    msg = run_bundle_expect_error("inference", configs("btcv_seg", "inference", "demo"), bundle_root=tmp_path,
+                                  input_dir=data / "RawData/Testing/img")
+    assert "Checkpoint not found" in msg and "model.pt" in msg
