@@ -87,8 +87,8 @@ def test_resume_without_checkpoint_is_an_error(dataset, tmp_path):
 
 
 def torchrun(nproc, run_id, config_file, **overrides):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"]
-    cmd += bundle_cmd(run_id, config_file, **overrides)[1:]  # torchrun -m monai.bundle run ...
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    cmd += bundle_cmd(run_id, config_file, **overrides)  # torchrun ... -m monai.bundle run ...
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
