@@ -1,0 +1,54 @@
+"""Each bundle config is standalone (single-file commands must work, and MONAI resolves `%file` macros
+relative to the working directory), so the values the configs share are checked here instead."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+BUNDLES = sorted(p.parent.parent for p in (Path(__file__).resolve().parents[1] / "bundles").glob("*/configs/finetune.yaml"))
+STAGES = ("pretrain", "finetune", "evaluate", "inference")
+SHARED = ("in_channels", "out_channels", "roi_size", "img_size", "resize", "pixdim", "hu_min", "hu_max", "patch_size",
+          "hidden_size", "num_layers", "num_heads", "mlp_ratio", "feature_size", "skip_blocks", "sw_batch_size",
+          "sw_overlap", "class_names", "et_mapping", "dataset_dir")
+
+
+def load(bundle, stage):
+    with open(bundle / "configs" / f"{stage}.yaml") as f:
+        return yaml.safe_load(f)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_shared_hyper_parameters_agree(bundle):
+    configs = {stage: load(bundle, stage) for stage in STAGES}
+    for key in SHARED:
+        values = {stage: c[key] for stage, c in configs.items() if key in c}
+        assert len({repr(v) for v in values.values()}) <= 1, f"{bundle.name}: '{key}' differs between configs: {values}"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_every_config_runs_by_name_and_plainly(bundle):
+    for stage in STAGES:
+        config = load(bundle, stage)
+        assert "run" in config and config.get(stage) == "@run", f"{bundle.name}/{stage}.yaml needs `run` and `{stage}: '@run'`"
+        assert "bundle_root" in config and "network_def" in config
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_yaml_floats_are_numbers(bundle):
+    """MONAI reads YAML with safe_load, where `1e-3` is a string: write `1.0e-3`."""
+    for cfg in (bundle / "configs").glob("*.yaml"):
+        def walk(node, path):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(v, f"{path}.{k}")
+            elif isinstance(node, list):
+                for i, v in enumerate(node):
+                    walk(v, f"{path}[{i}]")
+            elif isinstance(node, str):
+                try:
+                    float(node)
+                except ValueError:
+                    return
+                pytest.fail(f"{cfg.name}{path} = {node!r} is a string that looks like a number")
+        walk(yaml.safe_load(cfg.read_text()), "")
