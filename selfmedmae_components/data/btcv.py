@@ -7,21 +7,20 @@ The dataset as downloaded::
     <dataset_dir>/RawData/Testing/img/img0061.nii.gz       20 unlabelled CTs (0061-0080)
 
 :func:`prepare_datalist` checks it and writes ``<dataset_dir>/datalist.json`` with paths relative
-to ``dataset_dir``. The NIfTI checks at the end of this module are shared with ``msd_brats``.
+to ``dataset_dir``.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import random
-import zlib
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from .common import DatasetError, write_json_atomic
+from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
+from .synthetic import blob, capsule, grids, save_nifti, smooth_field
 
 BTCV_LABELS = {
     0: "background", 1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus",
@@ -39,7 +38,6 @@ LAYOUT = (
     "Expected the BTCV layout as downloaded: <dataset_dir>/RawData/Training/img/img0001.nii.gz, "
     "<dataset_dir>/RawData/Training/label/label0001.nii.gz and <dataset_dir>/RawData/Testing/img/img0061.nii.gz."
 )
-AFFINE_ATOL_MM = 1e-2  # image/label affines written by different tools differ by float round-off
 
 
 def image_path(case: int) -> str:
@@ -149,126 +147,6 @@ def _check_pair(image: Path, label: Path, problems: list[str], check_files: bool
             problems.append(f"{label}: {why} (image {image.name})")
 
 
-# NIfTI checks shared by the dataset modules. Each returns None when fine, else the reason.
-
-
-def missing(path: Path) -> str:
-    return f"{path}: missing (expected a NIfTI file here)"
-
-
-def open_nifti(path: Path, problems: list[str]) -> nib.Nifti1Image | None:
-    """Open ``path`` and read the whole file once (to catch a truncated or corrupt gzip); on
-    failure append ``"<path>: <why>"`` to ``problems`` and return None."""
-    if not path.is_file():
-        problems.append(missing(path))
-        return None
-    try:
-        img = nib.load(str(path))
-    except Exception as e:  # nibabel raises many types for a damaged file; report them all the same way
-        problems.append(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})")
-        return None
-    why = _unreadable_data(path, img)
-    if why:
-        problems.append(f"{path}: {why}")
-        return None
-    return img
-
-
-def _unreadable_data(path: Path, img: nib.Nifti1Image) -> str | None:
-    """Stream the whole file (constant memory) so gzip checks its CRC and length, then check that
-    the data the header promises is all there."""
-    expected = int(img.header.get_data_offset()) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-    opener = gzip.open if path.name.endswith(".gz") else open
-    size = 0
-    try:
-        with opener(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                size += len(chunk)
-    except (OSError, EOFError, zlib.error) as e:
-        return f"corrupt or truncated file ({type(e).__name__}: {e})"
-    if size < expected:
-        return f"truncated: {size} bytes of data, the header needs {expected}"
-    return None
-
-
-def grid_mismatch(img: nib.Nifti1Image, lab: nib.Nifti1Image) -> str | None:
-    """Compare the label's grid with the image's spatial grid (first three axes)."""
-    if tuple(lab.shape) != tuple(img.shape[:3]):
-        return f"label shape {tuple(lab.shape)} differs from the image's spatial shape {tuple(img.shape[:3])}"
-    diff = float(np.abs(lab.affine - img.affine).max())
-    if diff > AFFINE_ATOL_MM:
-        return f"label affine differs from the image's by up to {diff:.3g} (tolerance {AFFINE_ATOL_MM})"
-    return None
-
-
-def label_values_problem(lab: nib.Nifti1Image, max_label: int, hints: dict[int, str] | None = None) -> str | None:
-    """Labels must be integers in ``0..max_label``; ``hints`` adds advice for known wrong values."""
-    data = np.asanyarray(lab.dataobj)
-    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
-        return f"label values must be integers 0..{max_label}, found non-integer values"
-    bad = data[(data < 0) | (data > max_label)]
-    if bad.size:
-        found = [int(v) for v in np.unique(bad)[:10]]
-        advice = "".join(f" ({hints[v]})" for v in found if hints and v in hints)
-        return f"label values must be integers 0..{max_label}, found {found}{advice}"
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic demo data in the download layout. Geometry is drawn in patient millimetres
-# (x to the patient's right, y anterior, z superior) on 1-D coordinate axes, so each shape is
-# evaluated only inside its bounding box. The blob/capsule painters are shared with msd_brats.
-
-
-def _box(axes: tuple[np.ndarray, ...], lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...] | None:
-    """Index box of the voxels whose coordinates lie in [lo, hi] on each axis (None if empty)."""
-    box = []
-    for ax, a, b in zip(axes, lo, hi):
-        idx = np.nonzero((ax >= a) & (ax <= b))[0]
-        if idx.size == 0:
-            return None
-        box.append(slice(idx[0], idx[-1] + 1))
-    return tuple(box)
-
-
-def _grids(axes: tuple[np.ndarray, ...], box: tuple[slice, ...]) -> list[np.ndarray]:
-    """Broadcastable coordinate grids of the box."""
-    return [ax[s].reshape([-1 if i == j else 1 for j in range(3)]) for i, (ax, s) in enumerate(zip(axes, box))]
-
-
-def blob(axes, centre, radii, rng: np.random.Generator, lumps: float = 0.15):
-    """Ellipsoid with a smooth random bumpy surface; returns (box, mask in box) or None."""
-    centre, radii = np.asarray(centre, float), np.asarray(radii, float)
-    box = _box(axes, centre - 1.3 * radii, centre + 1.3 * radii)
-    if box is None:
-        return None
-    u = [(g - c) / r for g, c, r in zip(_grids(axes, box), centre, radii)]
-    freq, phase = rng.uniform(1.0, 2.5, 3), rng.uniform(0, 2 * np.pi, 3)
-    bumps = np.sin(freq[0] * np.pi * u[0] + phase[0]) * np.sin(freq[1] * np.pi * u[1] + phase[1])
-    bumps = bumps + 0.5 * np.sin(freq[2] * np.pi * u[2] + phase[2])
-    return box, u[0] ** 2 + u[1] ** 2 + u[2] ** 2 < 1 + lumps * bumps / 1.5
-
-
-def capsule(axes, a, b, radius: float):
-    """Tube of ``radius`` around the segment a-b (vessels, oesophagus); returns (box, mask) or None."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    box = _box(axes, np.minimum(a, b) - radius, np.maximum(a, b) + radius)
-    if box is None:
-        return None
-    g = _grids(axes, box)
-    ab = b - a
-    t = np.clip(sum((gi - ai) * di for gi, ai, di in zip(g, a, ab)) / max(float(ab @ ab), 1e-9), 0, 1)
-    return box, sum((gi - ai - t * di) ** 2 for gi, ai, di in zip(g, a, ab)) < radius**2
-
-
-def smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cell: int = 8) -> np.ndarray:
-    """Smooth random field (about unit variance) by linear upsampling of coarse noise."""
-    from scipy.ndimage import zoom
-
-    coarse = rng.normal(size=[max(2, s // cell + 2) for s in shape])
-    return zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)[tuple(slice(0, s) for s in shape)]
-
-
 def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 128, 48)):
     """One synthetic abdominal CT: (int16 HU image, uint8 label with BTCV values, affine).
 
@@ -335,7 +213,7 @@ def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 1
     paint(column(0, 15), 250, organ=False)  # cancellous bone
     if vert is not None:
         box, m = vert
-        img[box][m & ((_grids(axes, box)[2] + bz) % 32 < 6)] = 90  # intervertebral discs
+        img[box][m & ((grids(axes, box)[2] + bz) % 32 < 6)] = 90  # intervertebral discs
     paint(column(-27, 9), 500, organ=False)  # vertebral arch
     paint(column(-23, 6), 20, organ=False)  # spinal canal
 
@@ -366,15 +244,6 @@ def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 1
     img[rho < 1.0] += 8 * smooth_field(tuple(shape), rng, cell=4)[rho < 1.0] + rng.normal(0, 10, (rho < 1.0).sum())
     img[rho >= 1.0] += rng.normal(0, 5, (rho >= 1.0).sum())
     return np.clip(np.round(img), -1024, 3071).astype(np.int16), label, affine
-
-
-def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
 
 
 def make_demo(

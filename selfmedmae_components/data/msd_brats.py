@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .btcv import blob, grid_mismatch, label_values_problem, missing, open_nifti, save_nifti, smooth_field
+from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
+from .synthetic import blob, save_nifti, smooth_field
 from .common import DatasetError, write_json_atomic
 
 MSD_LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}
