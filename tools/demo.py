@@ -11,7 +11,6 @@ small crops, so that it fits a few minutes on 2 CPU cores); the epoch counts are
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import sys
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # per bundle: demo data kind, the folder the prepare tool reads, epochs of the two training stages
 DEMOS = {
-    "btcv_seg": {"data": "btcv", "dataset": "", "prepare": "prepare_btcv.py", "pretrain_epochs": 40, "finetune_epochs": 40,
+    "btcv_seg": {"data": "btcv", "dataset": "", "prepare": "prepare_btcv.py", "pretrain_epochs": 40, "finetune_epochs": 30,
                  "val_interval": 10, "input": "RawData/Testing/img"},
 }
 
