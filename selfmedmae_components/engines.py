@@ -108,6 +108,37 @@ class TrainingStep:
             self.scaler.load_state_dict(state["scaler"])
 
 
+class AutocastInferer:
+    """Run another inferer (e.g. ``SlidingWindowInferer``) with the network under autocast.
+
+    MONAI's evaluators autocast only on CUDA; this gives bf16 inference on CPUs with native bf16
+    too. Only the network runs in low precision: its output is cast back to float32, so the
+    sliding-window stitching (and argmax / metrics after it) stay in float32. Where
+    :func:`autocast_dtype` finds no fast low precision, the inner inferer runs unchanged.
+
+    Args:
+        inferer: the inferer to wrap, called as ``inferer(inputs, network, *args, **kwargs)``.
+        amp: mixed precision on/off.
+        amp_dtype: "bfloat16" (default) or "float16" (CUDA only).
+    """
+
+    def __init__(self, inferer: Any, amp: bool = True, amp_dtype: str = "bfloat16") -> None:
+        self.inferer = inferer
+        self.amp = amp
+        self.amp_dtype = amp_dtype
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        dtype = autocast_dtype(inputs.device, self.amp, self.amp_dtype)
+        if dtype is None:
+            return self.inferer(inputs, network, *args, **kwargs)
+
+        def autocast_network(x: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+            with torch.autocast(x.device.type, dtype=dtype):
+                return network(x, *a, **k).float()
+
+        return self.inferer(inputs, autocast_network, *args, **kwargs)
+
+
 class MAETrainingStep(TrainingStep):
     """MAE pre-training step: the network returns (loss, pred, mask) for the images; no labels.
 
