@@ -38,3 +38,15 @@ def existing_files(files: list[str] | str, what: str = "input") -> list[str]:
     if missing:
         raise FileNotFoundError(f"Input image(s) not found: {missing}")
     return files
+
+
+def as_bool(value: bool | str | int) -> bool:
+    """A config switch as a bool. ``--resume false`` reaches a MONAI config as the string "false",
+    which Python would take as true; fire only converts ``True``/``False``."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected a boolean switch (true/false), got {value!r}")
+    return bool(value)

@@ -177,9 +177,12 @@ class EpochSeeder:
 def attach_resume(engine: Engine, resume: bool, ckpt_dir: str, prefix: str, load_dict: dict, map_location: Any = None) -> str | None:
     """If ``resume``, load the newest ``<prefix>_checkpoint_epoch=N.pt`` of ``ckpt_dir`` into
     ``load_dict`` (model, optimiser, scheduler, trainer state, ...) when the engine starts; returns its path."""
-    if not resume:
-        return None
     from monai.handlers import CheckpointLoader
+
+    from .bundle_utils import as_bool
+
+    if not as_bool(resume):
+        return None
 
     found = sorted(Path(ckpt_dir).glob(f"{prefix}_checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[-1]))
     if not found:

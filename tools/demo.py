@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMOS = {
     "btcv_seg": {"data": "btcv", "dataset": "", "prepare": "prepare_btcv.py", "pretrain_epochs": 40, "finetune_epochs": 30,
                  "val_interval": 10, "input": "RawData/Testing/img"},
+    "brats_seg": {"data": "brats", "dataset": "Task01_BrainTumour", "prepare": "prepare_msd_brats.py", "pretrain_epochs": 20,
+                  "finetune_epochs": 20, "val_interval": 5, "input": "imagesTs"},
 }
 
 
