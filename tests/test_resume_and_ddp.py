@@ -17,7 +17,7 @@ from selfmedmae_components.data import btcv
 from selfmedmae_components.weights import load_state_dict
 
 TINY = dict(roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0,
-            amp="false")
+            amp=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_kill_and_resume_reaches_the_uninterrupted_result(dataset, tmp_path):
     # 18 volumes, batch 2: 9 iterations per epoch; the AdamW moments are saved too
     assert saved["trainer"]["iteration"] == 9 * killed_at and saved["optimizer"]["state"]
 
-    log = run_bundle("pretrain", cfg, bundle_root=crashed, resume="true", **common).stdout
+    log = run_bundle("pretrain", cfg, bundle_root=crashed, resume=True, **common).stdout
     assert f"Resuming from {crashed / 'models' / f'mae_checkpoint_epoch={killed_at}.pt'}" in log
     assert f"Epoch: {killed_at + 1}/6" in log and "Epoch: 1/6" not in log  # continued, not restarted
 
@@ -82,7 +82,7 @@ def test_resume_without_checkpoint_is_an_error(dataset, tmp_path):
     from bundle_runner import run_bundle_expect_error
 
     msg = run_bundle_expect_error("pretrain", configs("btcv_seg", "pretrain", "demo"), dataset_dir=dataset,
-                                  bundle_root=tmp_path, resume="true", max_epochs=1, **TINY)
+                                  bundle_root=tmp_path, resume=True, max_epochs=1, **TINY)
     assert "no 'mae_checkpoint_epoch=N.pt'" in msg
 
 
