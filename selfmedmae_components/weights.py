@@ -18,7 +18,7 @@ import torch.nn as nn
 logger = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoder."
-INIT_MODES = ("mae", "scratch")
+INIT_MODES = ("mae", "scratch", "imagenet")
 
 
 class CheckpointError(ValueError):
@@ -116,11 +116,18 @@ def transfer_encoder(network: nn.Module, checkpoint: str | Path, prefix: str = E
 
 def init_encoder(network: nn.Module, mode: str, checkpoint: str | Path | None = None) -> nn.Module:
     """Initialise a fine-tuning network: ``"mae"`` loads the pre-trained encoder, ``"scratch"`` keeps
-    the random initialisation (the paper's baseline row) and says so. Returns the network."""
+    the random initialisation (the paper's baseline row) and says so, ``"imagenet"`` loads a ViT-B/16
+    ImageNet checkpoint given as ``checkpoint`` (see ``imagenet.py``). Returns the network."""
     if mode == "mae":
         if checkpoint is None:
             raise CheckpointError("init_mode 'mae' needs a pretrained_checkpoint.")
         transfer_encoder(network, checkpoint)
+    elif mode == "imagenet":
+        if checkpoint is None:
+            raise CheckpointError("init_mode 'imagenet' needs a pretrained_checkpoint (an ImageNet ViT-B/16 file).")
+        from .imagenet import load_imagenet_vit
+
+        load_imagenet_vit(network, checkpoint)
     elif mode == "scratch":
         msg = "Training from random initialisation (init_mode='scratch'): no pre-trained weights are loaded."
         logger.info(msg)
