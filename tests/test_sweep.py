@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import sweep  # noqa: E402
 
 
-def test_sweep_2x1_grid_writes_csv_table_and_plot(tmp_path):
+def test_sweep_2x1_grid_writes_csv_table_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the bundle subprocesses: far faster than 2 threads on a shared CPU
     data = tmp_path / "btcv"
     data.mkdir()
     btcv.make_demo(data, num_test_cases=0, shape=(64, 64, 24))

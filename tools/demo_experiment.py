@@ -97,7 +97,7 @@ def experiment(workdir: str, labelled: int, seeds: list[int], pretrain_epochs: i
         f"Demo experiment: btcv_seg demo preset, {labelled} labelled training cases, MAE pre-trained {pretrain_epochs} "
         f"epochs on all 18 training volumes (loss {mae_loss[0]:.3f} -> {mae_loss[1]:.3f}), fine-tuned {finetune_epochs} "
         f"epochs, evaluated on {eval_cases} of the 12 evaluation cases; seeds {', '.join(map(str, seeds))}; demo data shape {shape}.",
-        f"Overrides: {' '.join(overrides) or '-'}. Wall time {time.time() - start:.0f} s (including earlier runs reused: see the logs).",
+        f"Overrides: {' '.join(overrides) or '-'}. Wall time of this call {time.time() - start:.0f} s (stages reused from an earlier call not counted; see the logs).",
         "",
         "| initialisation | Dice 8 organs (%) mean ± sd | Dice 13 organs (%) mean ± sd | per seed (8 organs) |",
         "|---|---|---|---|",
