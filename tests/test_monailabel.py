@@ -1,0 +1,161 @@
+"""MONAI Label serves the exported segmentation bundles (real server on 127.0.0.1, stock monaibundle app).
+
+Needs MONAI Label in its own virtualenv (``.venv-monailabel``, or ``MONAILABEL_VENV``): see
+docs/MONAI_LABEL.md for the install command. Skipped when it is not there; not run by CI (the install
+is several GB). Run it with:
+
+    python -m pytest -m monailabel tests/test_monailabel.py
+
+The bundles are exported by tools/export_bundle.py with random tiny weights and the tiny settings of
+tests/test_bundle_conformance.py written into their inference config (a CPU answers in seconds);
+a demo image is uploaded, ``/infer/<bundle>`` is called and the returned label map is checked against
+the input (shape, affine) and the labels of the metadata's output ``channel_def``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from bundle_runner import REPO
+from test_bundle_conformance import CASES, skip_reason
+
+pytestmark = pytest.mark.monailabel
+
+VENV = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
+SEG_BUNDLES = ("btcv_seg", "brats_seg")
+STARTUP_TIMEOUT_S = 600
+
+
+def _venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 600) -> bytes:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.read()
+
+
+def _upload(base: str, image_id: str, path: Path) -> None:
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    _http("PUT", f"{base}/datastore/image?image={image_id}", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def _tiny_weights(bundle: str, path: Path) -> None:
+    from test_bundle_conformance import tiny_network
+
+    torch.manual_seed(0)
+    torch.save({"model": tiny_network(bundle).state_dict()}, path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not (VENV / "bin" / "monailabel").is_file():  # (run as `python -m monailabel.main`: the `monailabel`
+        # script puts the folder above the venv, here this repository, on PYTHONPATH)
+        pytest.skip(f"MONAI Label is not installed in {VENV} (docs/MONAI_LABEL.md)")
+    bundles = [b for b in SEG_BUNDLES if skip_reason(b) is None]
+    root = tmp_path_factory.mktemp("monailabel")
+    apps = root / "apps"
+    monailabel = [str(_venv_python()), "-m", "monailabel.main"]
+    subprocess.run([*monailabel, "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
+                   check=True, capture_output=True, timeout=120, cwd=root)  # fmt: skip  (copied from the installed wheel)
+    app = apps / "monaibundle"
+    sys.path.insert(0, str(REPO / "tools"))
+    from export_bundle import export_bundle
+
+    inputs = {}
+    for b in bundles:
+        _, folder = CASES[b].make_data(root / f"{b}_data")
+        inputs[b] = sorted(folder.glob("*.nii*"))[0]
+        _tiny_weights(b, root / f"{b}.pt")
+        dest = export_bundle(b, app / "model", weights=root / f"{b}.pt", make_zip=False)
+        cfg = dest / "configs" / "inference.yaml"
+        config = yaml.safe_load(cfg.read_text())
+        config.update(CASES[b].tiny)
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    studies = root / "studies"
+    studies.mkdir()
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    cmd = [*monailabel, "start_server", "--app", str(app), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", str(port), "--conf", "models", ",".join(bundles),
+           "--conf", "zoo_source", "ngc",  # any source but the default monaihosting: local bundles, no zoo query
+           "--conf", "sam2", "false",  # else the app adds SAM2, whose weights are downloaded
+           "--conf", "skip_trainers", "true"]  # fmt: skip
+    env = dict(os.environ, PATH=f"{VENV / 'bin'}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"MONAI Label exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-6000:]}")
+            try:
+                info = json.loads(_http("GET", f"{base}/info/", timeout=10))
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.time() > deadline:
+                    pytest.fail(f"MONAI Label did not answer in {STARTUP_TIMEOUT_S} s:\n{(root / 'server.log').read_text()[-6000:]}")
+                time.sleep(2)
+        yield base, info, inputs, app, root
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started, by the server's own id
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.parametrize("bundle", SEG_BUNDLES)
+def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
+    base, info, inputs, app, root = server
+    if bundle not in inputs:
+        pytest.skip(skip_reason(bundle) or f"{bundle} not served")
+    assert bundle in info["models"], f"{bundle} not among the served models {list(info['models'])}: see {root / 'server.log'}"
+    meta = json.loads((app / "model" / bundle / "configs" / "metadata.json").read_text())
+    labels = {int(k) for k in meta["network_data_format"]["outputs"]["pred"]["channel_def"]}
+
+    image = inputs[bundle]
+    image_id = image.name.split(".")[0]
+    _upload(base, image_id, image)
+    try:
+        answer = _http("POST", f"{base}/infer/{bundle}?image={image_id}&output=image", b"",
+                       {"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"/infer/{bundle}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
+    out = tmp_path / ("label.nii.gz" if answer[:2] == b"\x1f\x8b" else "label.nii")
+    out.write_bytes(answer)
+    seg, img = nib.load(out), nib.load(image)
+    assert seg.shape == img.shape[:3]
+    np.testing.assert_allclose(seg.affine, img.affine, atol=1e-3)
+    values = set(np.unique(np.asarray(seg.dataobj)).astype(int).tolist())
+    assert values <= labels, f"label values {sorted(values)} outside the metadata's {sorted(labels)}"
