@@ -17,7 +17,7 @@ def configs(bundle: str, *names: str) -> str:
     return files[0] if len(files) == 1 else "[" + ",".join(repr(f) for f in files) + "]"
 
 
-def run_bundle(run_id: str | None, config_file: str, timeout: int = 900, **overrides) -> subprocess.CompletedProcess:
+def run_bundle(run_id: str | None, config_file: str, timeout: int = 1800, **overrides) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run [run_id] --config_file ... --key value``; raises with the log on failure."""
     cmd = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else []) + ["--config_file", config_file]
     for key, value in overrides.items():
