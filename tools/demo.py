@@ -2,7 +2,7 @@
 
     make demo data (download layout) -> tools/prepare_*.py -> pretrain -> finetune -> evaluate -> inference
 
-    python tools/demo.py                 # all three bundles
+    python tools/demo.py                 # every bundle listed in DEMOS (btcv_seg, brats_seg)
     python tools/demo.py --bundles btcv_seg --workdir demo_runs
 
 Each bundle runs with its configs/demo.yaml preset layered on the real configs (a small ViT on
