@@ -7,7 +7,6 @@ wrong path; here a missing file, an empty match or a shape mismatch is an error.
 
 from __future__ import annotations
 
-import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-logger = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoder."
 INIT_MODES = ("mae", "scratch", "imagenet")
@@ -109,7 +107,6 @@ def transfer_encoder(network: nn.Module, checkpoint: str | Path, prefix: str = E
         dropped=[k for k in state if k not in target],
         initialised=[k for k in target if k not in wanted],
     )
-    logger.info(str(report))
     print(report, flush=True)
     return report
 
@@ -130,7 +127,6 @@ def init_encoder(network: nn.Module, mode: str, checkpoint: str | Path | None = 
         load_imagenet_vit(network, checkpoint)
     elif mode == "scratch":
         msg = "Training from random initialisation (init_mode='scratch'): no pre-trained weights are loaded."
-        logger.info(msg)
         print(msg, flush=True)
     else:
         raise ValueError(f"init_mode must be one of {INIT_MODES}, got {mode!r}.")
