@@ -13,6 +13,8 @@ evaluated as three overlapping binary channels in the order [WT, TC, ET]:
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Hashable, Mapping
 
 import numpy as np
@@ -103,7 +105,24 @@ def regions_to_labels(regions: NdarrayOrTensor, et_mapping: str = "dataset") -> 
     return out
 
 
-class ConvertToBratsRegionsd(MapTransform):
+class _BratsConversiond(MapTransform):
+    """Applies ``convert(value, et_mapping)`` to each key; the two public transforms differ only in it."""
+
+    convert: Any = None
+
+    def __init__(self, keys: KeysCollection, et_mapping: str = "dataset", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        _check_mapping(et_mapping)
+        self.et_mapping = et_mapping
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = type(self).convert(d[key], self.et_mapping)
+        return d
+
+
+class ConvertToBratsRegionsd(_BratsConversiond):
     """Dictionary transform: MSD label map -> [WT, TC, ET] channels (see :func:`labels_to_regions`).
 
     Args:
@@ -112,19 +131,10 @@ class ConvertToBratsRegionsd(MapTransform):
         allow_missing_keys: do not raise if a key is missing.
     """
 
-    def __init__(self, keys: KeysCollection, et_mapping: str = "dataset", allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        _check_mapping(et_mapping)
-        self.et_mapping = et_mapping
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = labels_to_regions(d[key], self.et_mapping)
-        return d
+    convert = staticmethod(labels_to_regions)
 
 
-class BratsRegionsToLabelsd(MapTransform):
+class BratsRegionsToLabelsd(_BratsConversiond):
     """Dictionary transform: binary [WT, TC, ET] channels -> MSD label map (see :func:`regions_to_labels`).
 
     Args:
@@ -133,13 +143,4 @@ class BratsRegionsToLabelsd(MapTransform):
         allow_missing_keys: do not raise if a key is missing.
     """
 
-    def __init__(self, keys: KeysCollection, et_mapping: str = "dataset", allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        _check_mapping(et_mapping)
-        self.et_mapping = et_mapping
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = regions_to_labels(d[key], self.et_mapping)
-        return d
+    convert = staticmethod(regions_to_labels)
