@@ -87,6 +87,8 @@ class MeanROCAUC(IgniteMetricHandler):
 
 # ---------------------------------------------------------------------------- report and CSV
 def _filename(image: Any, fallback: str) -> str:
+    if isinstance(image, (str, os.PathLike)) and str(image):  # the name itself (inference postprocessing keeps only it)
+        return str(image)
     if isinstance(image, MetaTensor):
         return str(image.meta.get("filename_or_obj", fallback))
     return fallback

@@ -1,4 +1,6 @@
-"""MONAI Label serves the exported segmentation bundles (real server on 127.0.0.1, stock monaibundle app).
+"""MONAI Label serves the exported bundles (real server on 127.0.0.1, stock monaibundle app): the two
+segmentation bundles, and cxr14_cls exported as ``cxr14_classification`` (MONAI Label takes the task from
+the folder name).
 
 Needs MONAI Label in its own virtualenv (``.venv-monailabel``, or ``MONAILABEL_VENV``): see
 docs/MONAI_LABEL.md for the install command. Skipped when it is not there; not run by CI (the install
@@ -9,7 +11,8 @@ is several GB). Run it with:
 The bundles are exported by tools/export_bundle.py with random tiny weights and the tiny settings of
 tests/test_bundle_conformance.py written into their inference config (a CPU answers in seconds);
 a demo image is uploaded, ``/infer/<bundle>`` is called and the returned label map is checked against
-the input (shape, affine) and the labels of the metadata's output ``channel_def``.
+the input (shape, affine) and the labels of the metadata's output ``channel_def``; for the classifier,
+the returned class names and scores are checked against the bundle's own inference on the same file.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ pytestmark = pytest.mark.monailabel
 
 VENV = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
 SEG_BUNDLES = ("btcv_seg", "brats_seg")
+# served name of each bundle: MONAI Label treats a bundle as a classifier only if its name says so
+SERVED = {"btcv_seg": "btcv_seg", "brats_seg": "brats_seg", "cxr14_cls": "cxr14_classification"}
 STARTUP_TIMEOUT_S = 600
 
 
@@ -71,7 +76,10 @@ def _tiny_weights(bundle: str, path: Path) -> None:
     from test_bundle_conformance import tiny_network
 
     torch.manual_seed(0)
-    torch.save({"model": tiny_network(bundle).state_dict()}, path)
+    state = tiny_network(bundle).state_dict()
+    if "head.weight" in state:  # the classifier's head starts near zero (all scores ~0.5): spread the scores
+        state["head.weight"] = torch.randn_like(state["head.weight"])
+    torch.save({"model": state}, path)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,7 @@ def server(tmp_path_factory):
     if not (VENV / "bin" / "monailabel").is_file():  # (run as `python -m monailabel.main`: the `monailabel`
         # script puts the folder above the venv, here this repository, on PYTHONPATH)
         pytest.skip(f"MONAI Label is not installed in {VENV} (docs/MONAI_LABEL.md)")
-    bundles = [b for b in SEG_BUNDLES if skip_reason(b) is None]
+    bundles = [b for b in SERVED if skip_reason(b) is None]
     root = tmp_path_factory.mktemp("monailabel")
     apps = root / "apps"
     monailabel = [str(_venv_python()), "-m", "monailabel.main"]
@@ -92,19 +100,22 @@ def server(tmp_path_factory):
     inputs = {}
     for b in bundles:
         _, folder = CASES[b].make_data(root / f"{b}_data")
-        inputs[b] = sorted(folder.glob("*.nii*"))[0]
+        inputs[b] = sorted(folder.glob("*.nii*") if CASES[b].segmentation else folder.glob("*.png"))[0]
         _tiny_weights(b, root / f"{b}.pt")
-        dest = export_bundle(b, app / "model", weights=root / f"{b}.pt", make_zip=False)
+        dest = export_bundle(b, app / "model", weights=root / f"{b}.pt", name=SERVED[b], make_zip=False)
         cfg = dest / "configs" / "inference.yaml"
         config = yaml.safe_load(cfg.read_text())
-        config.update(CASES[b].tiny)
+        # MONAI Label reads inference.yaml alone: the demo preset and the tiny overrides go into it, so that
+        # the weights fit the network exactly (it loads non-strictly and would leave the rest random)
+        config.update(yaml.safe_load((dest / "configs" / "demo.yaml").read_text()))
+        config.update(CASES[b].tiny, amp=False)  # float32: the classifier's scores are compared with ours exactly
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     studies = root / "studies"
     studies.mkdir()
     port = _free_port()
     log = open(root / "server.log", "w")
     cmd = [*monailabel, "start_server", "--app", str(app), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port), "--conf", "models", ",".join(bundles),
+           "--host", "127.0.0.1", "--port", str(port), "--conf", "models", ",".join(SERVED[b] for b in bundles),
            "--conf", "zoo_source", "ngc",  # any source but the default monaihosting: local bundles, no zoo query
            "--conf", "sam2", "false",  # else the app adds SAM2, whose weights are downloaded
            "--conf", "skip_trainers", "true"]  # fmt: skip
@@ -159,3 +170,37 @@ def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
     np.testing.assert_allclose(seg.affine, img.affine, atol=1e-3)
     values = set(np.unique(np.asarray(seg.dataobj)).astype(int).tolist())
     assert values <= labels, f"label values {sorted(values)} outside the metadata's {sorted(labels)}"
+
+
+def test_monailabel_classifies_an_uploaded_chest_xray(server, tmp_path):
+    """MONAI Label appends its ``Restored`` step to every bundle's postprocessing; on the classifier's
+    14-vector it must change nothing, and the scores must be the bundle's own."""
+    from bundle_runner import configs, run_bundle
+
+    base, info, inputs, app, root = server
+    if "cxr14_cls" not in inputs:
+        pytest.skip(skip_reason("cxr14_cls") or "cxr14_cls not served")
+    name = SERVED["cxr14_cls"]
+    assert name in info["models"], f"{name} not among the served models {list(info['models'])}: see {root / 'server.log'}"
+    assert info["models"][name]["type"] == "classification"
+    meta = json.loads((app / "model" / name / "configs" / "metadata.json").read_text())
+    classes = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+
+    image = inputs["cxr14_cls"]
+    _upload(base, image.stem, image)
+    try:
+        answer = json.loads(_http("POST", f"{base}/infer/{name}?image={image.stem}&output=json", b"",
+                                  {"Content-Type": "application/x-www-form-urlencoded"}))  # fmt: skip
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"/infer/{name}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
+    prediction = answer["prediction"]
+    assert [p["label"] for p in prediction] == [classes[str(i)].lower() for i in range(len(classes))]
+
+    # the same file through the bundle's own inference config (this repository, the same tiny weights)
+    out = tmp_path / "predictions.csv"
+    run_bundle("inference", configs("cxr14_cls", "inference", "demo"), input_files=[str(image)],
+               checkpoint=root / "cxr14_cls.pt", output_file=out, amp=False, **CASES["cxr14_cls"].tiny)  # fmt: skip
+    own = [float(v) for v in out.read_text().splitlines()[1].split(",")[1:]]
+    scores = [p["score"] for p in prediction]
+    assert max(scores) - min(scores) > 0.1, scores  # distinct scores: a mix-up of classes would show
+    np.testing.assert_allclose(scores, own, atol=1e-5)
