@@ -75,6 +75,38 @@ def test_encoder_processes_only_visible_tokens():
     assert latent.shape == (2, 1 + 16, 48)  # cls + 64 * 0.25 visible tokens
 
 
+@pytest.mark.parametrize("spatial_dims,in_channels", [(3, 1), (3, 4), (2, 3)])
+def test_embedding_only_the_visible_patches_equals_embedding_all_then_masking(spatial_dims, in_channels):
+    """forward_encoder embeds the kept patches only (a linear map of each flattened patch): the same
+    tokens as the patch-embedding convolution over the whole image followed by the gather."""
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(in_channels, 32, 8, spatial_dims, mask_ratio=0.75, **TINY)
+    imgs = torch.randn(2, in_channels, *([32] * spatial_dims))
+    ids_keep, mask, _ = mae.masking_ids(2, mae.encoder.num_patches, 0.75, imgs.device)
+    all_tokens = mae.encoder.embed_patches(imgs)  # the convolution
+    expected = torch.gather(all_tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, all_tokens.shape[-1]))
+    torch.testing.assert_close(mae.encoder.embed_patches(imgs, ids_keep), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal((mask == 0).nonzero()[:, 1].reshape(2, -1), torch.sort(ids_keep, dim=1).values)
+
+
+def test_attention_under_cpu_autocast_matches_monai_sablock():
+    """Our attention block (float32 attention inside CPU bf16 autocast) has MONAI's SABlock parameters
+    and, without autocast, its exact output; under autocast it stays close to float32."""
+    from monai.networks.blocks import SABlock
+
+    from selfmedmae_components.networks.vit import SelfAttention
+
+    torch.manual_seed(0)
+    ours, monai_block = SelfAttention(48, 4), SABlock(48, 4, qkv_bias=True, use_flash_attention=True)
+    assert ours.state_dict().keys() == monai_block.state_dict().keys()
+    monai_block.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 27, 48)
+    torch.testing.assert_close(ours(x), monai_block(x), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = ours(x)
+    torch.testing.assert_close(fast.float(), monai_block(x), rtol=0.05, atol=0.05)
+
+
 def test_loss_counts_masked_patches_only():
     torch.manual_seed(0)
     mae = tiny_mae(3)

@@ -101,29 +101,31 @@ class MaskedAutoencoder(nn.Module):
         x = x.permute(order)
         return x.reshape(n, c, *self.encoder.img_size)
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep a random subset of tokens per sample (argsort of uniform noise, on x's device).
+    @staticmethod
+    def masking_ids(n: int, length: int, mask_ratio: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """A random subset of tokens per sample (argsort of uniform noise, on ``device``).
 
-        Returns visible tokens (N, L_keep, D), the mask (N, L; 1 = masked) and ids_restore (N, L).
+        Returns ids_keep (N, L_keep), the mask (N, L; 1 = masked) and ids_restore (N, L).
         """
-        n, length, d = x.shape
         len_keep = int(length * (1 - mask_ratio))
-        noise = torch.rand(n, length, device=x.device)
+        noise = torch.rand(n, length, device=device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-        mask = torch.ones(n, length, device=x.device)
+        mask = torch.ones(n, length, device=device)
         mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
-        return x_visible, mask, ids_restore
+        return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore), ids_restore
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep a random subset of the tokens x (N, L, D): visible tokens (N, L_keep, D), mask, ids_restore."""
+        ids_keep, mask, ids_restore = self.masking_ids(x.shape[0], x.shape[1], mask_ratio, x.device)
+        return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[2])), mask, ids_restore
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embed, mask, and encode the visible tokens: latent (N, 1 + L_keep, D), mask, ids_restore."""
-        x = self.encoder.embed_patches(imgs)  # (N, L, D), position embedding added
-        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        """Mask, embed and encode the visible patches only: latent (N, 1 + L_keep, D), mask, ids_restore."""
+        ids_keep, mask, ids_restore = self.masking_ids(imgs.shape[0], self.encoder.num_patches, mask_ratio, imgs.device)
+        x = self.encoder.embed_patches(imgs, ids_keep)  # (N, L_keep, D), position embedding added
         latent, _ = self.encoder.forward_tokens(x)
         return latent, mask, ids_restore
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, SABlock
 from monai.networks.layers import Conv, DropPath
 from monai.utils import ensure_tuple_rep
@@ -20,11 +21,30 @@ from .pos_embed import sincos_pos_embed
 LAYER_NORM_EPS = 1e-6
 
 
+class SelfAttention(SABlock):
+    """MONAI's SABlock (same parameters and names) with ``scaled_dot_product_attention``, which under
+    CPU bf16 autocast attends in float32: for ViT token counts (55-513) PyTorch's CPU flash attention
+    is slower in bf16 than in float32 (backward about 2x, tools/benchmark.py), and float32 is exact.
+    The projections around it stay in bf16. Elsewhere (GPU, float32) it is SABlock unchanged.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__(hidden_size, num_heads, qkv_bias=qkv_bias, use_flash_attention=True)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or attn_mask is not None:
+            return super().forward(x, attn_mask)
+        q, k, v = self.input_rearrange(self.qkv(x))
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=self.scale,
+                                                 dropout_p=self.dropout_rate if self.training else 0.0)  # fmt: skip
+        return self.drop_output(self.out_proj(self.out_rearrange(out)))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``.
 
-    Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (MONAI's SABlock
-    with ``use_flash_attention``).
+    Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (:class:`SelfAttention`).
     """
 
     def __init__(
@@ -32,7 +52,7 @@ class TransformerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
-        self.attn = SABlock(hidden_size, num_heads, qkv_bias=qkv_bias, use_flash_attention=True)
+        self.attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         self.mlp = MLPBlock(hidden_size, int(hidden_size * mlp_ratio), act="GELU")
@@ -127,15 +147,29 @@ class ViTEncoder(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, *img_size) -> (N, L, D) patch tokens with their position embedding added."""
+    def embed_patches(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C, *img_size) -> (N, L, D) patch tokens with their position embedding added; with
+        ``ids_keep`` (N, L_keep), only those patches: (N, L_keep, D), as embedding all then gathering."""
         if tuple(x.shape[2:]) != self.img_size or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ViTEncoder expects input (N, {self.in_channels}, {', '.join(map(str, self.img_size))}), "
                 f"got {tuple(x.shape)}."
             )
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        return x + self.pos_embed[:, 1:]
+        if ids_keep is None:
+            x = self.patch_embed(x).flatten(2).transpose(1, 2)
+            return x + self.pos_embed[:, 1:]
+        # MAE: the stride-p convolution is a linear map of each flattened patch, so the masked patches
+        # (75 % at the MAE default) need not be embedded at all, forward or backward
+        n, c, nd = x.shape[0], x.shape[1], self.spatial_dims
+        split = [n, c]
+        for g, p in zip(self.grid_size, self.patch_size):
+            split += [g, p]
+        # (N, C, g1, p1, g2, p2, ...) -> (N, g1, g2, ..., C, p1, p2, ...): the conv weight's (C, p1, ...) order
+        patches = x.reshape(split).permute(0, *range(2, 2 + 2 * nd, 2), 1, *range(3, 3 + 2 * nd, 2))
+        patches = patches.reshape(n, self.num_patches, -1)
+        patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        tokens = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
+        return tokens + self.pos_embed[0, 1:][ids_keep]
 
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Prepend the cls token to (N, L', D) tokens and run the blocks.
