@@ -76,6 +76,30 @@ def test_mae_bf16_loss_matches_fp32(mask_ratio):
     assert (pred16.float() - pred32).norm() / pred32.norm() < PRED_RTOL
 
 
+def test_compiled_mae_matches_eager(monkeypatch):
+    """The ``compile`` switch (engines.maybe_compile): same parameter names, same loss and gradients."""
+    import torch._inductor.config as inductor_config
+
+    from selfmedmae_components.engines import maybe_compile
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)  # the eager random numbers: the same mask
+    net, x = make_mae(), images()
+    eager = copy.deepcopy(net)
+    compiled = maybe_compile(net, True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    grads = []
+    for model in (eager, compiled):
+        loss, _, mask = mae_loss(model, x, None)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if model is eager:
+            loss_eager, mask_eager = loss.detach(), mask
+    assert torch.equal(mask, mask_eager)
+    torch.testing.assert_close(loss.detach(), loss_eager, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+    assert maybe_compile(eager, False) is eager and eager._compiled_call_impl is None  # off: left eager
+
+
 def test_mae_bf16_gradients_follow_fp32():
     net, x = make_mae(), images()
     grads = {}
