@@ -23,16 +23,18 @@ LAYER_NORM_EPS = 1e-6
 
 class SelfAttention(SABlock):
     """MONAI's SABlock (same parameters and names) with ``scaled_dot_product_attention``, which under
-    CPU bf16 autocast attends in float32: for ViT token counts (55-513) PyTorch's CPU flash attention
-    is slower in bf16 than in float32 (backward about 2x, tools/benchmark.py), and float32 is exact.
-    The projections around it stay in bf16. Elsewhere (GPU, float32) it is SABlock unchanged.
+    CPU bf16 autocast attends in float32 when training: for ViT token counts (55-513) the backward of
+    PyTorch's CPU flash attention is about 2x slower in bf16 than in float32 (tools/benchmark.py), and
+    float32 is exact. The projections around it stay in bf16. Elsewhere (GPU, float32, inference) it
+    is SABlock unchanged.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__(hidden_size, num_heads, qkv_bias=qkv_bias, use_flash_attention=True)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or attn_mask is not None:
+        training = torch.is_grad_enabled() and x.requires_grad  # the backward is the slow part in bf16
+        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or attn_mask is not None or not training:
             return super().forward(x, attn_mask)
         q, k, v = self.input_rearrange(self.qkv(x))
         with torch.autocast("cpu", enabled=False):
