@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from bundle_runner import configs, read_losses, run_bundle
+from cxr_helpers import write_dicom
 from selfmedmae_components.data.cxr14 import CLASSES, make_demo, prepare_datalist
 from selfmedmae_components.networks import MaskedAutoencoder, ViTClassifier
 from selfmedmae_components.weights import transfer_encoder
@@ -32,26 +33,6 @@ NUM_IMAGES, IMAGE_SIZE, PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 1200, 128, 15, 25
 MIN_MEAN_AUC = 0.6
 
 
-def _write_dicom(path: Path, stored: np.ndarray, photometric: str, bits_stored: int) -> None:
-    """A minimal single-frame CR DICOM with the given stored (uint16) pixel values."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = stored.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +50,8 @@ def pipeline(tmp_path_factory):
         shutil.copy(data / item["image"], infer_dir)
     gray = np.asarray(Image.open(data / datalist["evaluation"][0]["image"]).convert("L"), dtype=np.uint16)
     Image.fromarray(gray * 257).save(infer_dir / "same_png16.png")  # 0..65535, air dark
-    _write_dicom(infer_dir / "same_m1.dcm", 65535 - gray * 257, "MONOCHROME1", 16)
-    _write_dicom(infer_dir / "same_m1_12bit", 4095 - gray * 16, "MONOCHROME1", 12)
+    write_dicom(infer_dir / "same_m1.dcm", 65535 - gray * 257, "MONOCHROME1", 16)
+    write_dicom(infer_dir / "same_m1_12bit", 4095 - gray * 16, "MONOCHROME1", 12)
 
     common = dict(dataset_dir=data, bundle_root=out)
     with pytest.MonkeyPatch.context() as mp:

@@ -9,6 +9,7 @@ from monai.data import MetaTensor
 from monai.transforms import CenterSpatialCropd, Compose, NormalizeIntensityd, RandFlipd, RepeatChanneld
 from PIL import Image
 
+from cxr_helpers import write_dicom
 from selfmedmae_components.transforms.cxr import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,33 +32,12 @@ def _content() -> np.ndarray:
     return np.round(4095 * (0.5 + 0.5 * np.sin(x / 7.0) * np.cos(y / 11.0)) * (y + 1) / H).astype(np.uint16)
 
 
-def _write_dicom(path, pixels: np.ndarray, photometric: str, bits_stored: int = 12, **extra) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 0
-    for k, v in extra.items():
-        setattr(ds, k, v)
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_dicom_monochrome1_12bit_matches_monochrome2_and_png(tmp_path):
     content = _content()  # as a viewer shows it: air dark
-    _write_dicom(tmp_path / "m1.dcm", 4095 - content, "MONOCHROME1")  # stored inverted
-    _write_dicom(tmp_path / "m2.dcm", content, "MONOCHROME2", PixelSpacing=[0.2, 0.1])
+    write_dicom(tmp_path / "m1.dcm", 4095 - content, "MONOCHROME1")  # stored inverted
+    write_dicom(tmp_path / "m2.dcm", content, "MONOCHROME2", PixelSpacing=[0.2, 0.1])
     Image.fromarray(np.round(content / 4095 * 255).astype(np.uint8)).save(tmp_path / "c.png")
     load = LoadChestXRay()
     m1, m2, png = (load(tmp_path / n) for n in ("m1.dcm", "m2.dcm", "c.png"))
@@ -73,11 +53,11 @@ def test_dicom_monochrome1_12bit_matches_monochrome2_and_png(tmp_path):
 def test_dicom_rescale_high_bits_and_window(tmp_path):
     content = _content()
     plain = LoadChestXRay()
-    _write_dicom(tmp_path / "a.dcm", content, "MONOCHROME2")
+    write_dicom(tmp_path / "a.dcm", content, "MONOCHROME2")
     # rescale is linear, so the [0, 1] image is unchanged; bits above BitsStored are not pixel data
-    _write_dicom(tmp_path / "b.dcm", content | 0xF000, "MONOCHROME2", RescaleSlope=2, RescaleIntercept=-1024)
+    write_dicom(tmp_path / "b.dcm", content | 0xF000, "MONOCHROME2", RescaleSlope=2, RescaleIntercept=-1024)
     assert torch.allclose(plain(tmp_path / "a.dcm"), plain(tmp_path / "b.dcm"), atol=1e-6)
-    _write_dicom(tmp_path / "w.dcm", content, "MONOCHROME2", WindowCenter=2048, WindowWidth=1024)
+    write_dicom(tmp_path / "w.dcm", content, "MONOCHROME2", WindowCenter=2048, WindowWidth=1024)
     img = LoadChestXRay(window=True)(tmp_path / "w.dcm")[0].numpy()
     expected = np.clip((content - 2047.5) / 1023 + 0.5, 0, 1)
     np.testing.assert_allclose(img, expected, atol=1e-5)
