@@ -31,7 +31,7 @@ DEMOS = {
                   "finetune_epochs": 20, "val_interval": 5, "input": "imagesTs"},
     # the tiny 2D ViT runs many small operations: one thread per process is faster than two (docs/README.md)
     "cxr14_cls": {"data": "cxr14", "make_args": ["--num_images", "1200", "--image_size", "128"], "dataset": "",
-                  "prepare": "prepare_cxr14.py", "pretrain_epochs": 15, "finetune_epochs": 25, "val_interval": 5,
+                  "prepare": "prepare_cxr14.py", "pretrain_epochs": 15, "finetune_epochs": 40, "val_interval": 5,
                   "input": "images", "env": {"OMP_NUM_THREADS": "1"}},
 }
 
