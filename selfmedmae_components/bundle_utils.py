@@ -29,11 +29,11 @@ def default_bundle_root() -> str:
     return os.getcwd()
 
 
-def existing_files(files: list[str] | str, what: str = "input") -> list[str]:
-    """The given files, checked: an empty list or a missing file is an error that names it."""
-    files = [files] if isinstance(files, str) else list(files)
+def existing_files(files: list[str] | str, what: str = "input_files", expected: str = "an existing folder of .nii/.nii.gz files") -> list[str]:
+    """The given files as paths, checked: an empty list or a missing file is an error that names it."""
+    files = [os.fspath(files)] if isinstance(files, (str, os.PathLike)) else [os.fspath(f) for f in files]
     if not files:
-        raise FileNotFoundError(f"No input images found ({what}): give an existing folder of .nii/.nii.gz files.")
+        raise FileNotFoundError(f"No input images found ({what} is empty): give {expected}.")
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(f"Input image(s) not found: {missing}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import ROCAUCMetric, compute_roc_auc
 
+from .data.common import write_json_atomic, write_text_atomic
+
 __all__ = [
     "ABSENT",
     "IMAGE_SUFFIXES",
@@ -31,7 +32,6 @@ __all__ = [
     "MeanROCAUC",
     "PresentClassROCAUCMetric",
     "ProbabilityCSVWriter",
-    "check_files",
     "class_names_from_metadata",
     "find_images",
     "mean_auc",
@@ -94,18 +94,6 @@ def _filename(image: Any, fallback: str) -> str:
     return fallback
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ProbabilityCSVWriter:
     """Collects the evaluator's per-image probabilities (``pred`` after the sigmoid) and writes
     ``output_file``: a header ``image,<class names>`` and one row per image, in loader order.
@@ -147,7 +135,7 @@ class ProbabilityCSVWriter:
     def __call__(self, engine: Engine) -> None:
         lines = [",".join(["image", *self.class_names])]
         lines += [",".join([_csv_cell(n)] + [f"{p:.6f}" for p in probs]) for n, probs in zip(self.names, self.probs)]
-        _write_atomic(self.output_file, "\n".join(lines) + "\n")
+        write_text_atomic("\n".join(lines) + "\n", self.output_file)
         print(f"Probabilities of {len(self.names)} image(s) written to {self.output_file}", flush=True)
 
 
@@ -192,10 +180,9 @@ class ClassificationReport(ProbabilityCSVWriter):
                           for c, a, p in zip(self.class_names, aucs, positives)},
             "paper": self.paper,
         }
-        with open(self.output_dir / "summary.json", "w") as f:
-            json.dump(self.summary, f, indent=2, allow_nan=True)
+        write_json_atomic(self.summary, self.output_dir / "summary.json")
         text = self.markdown()
-        (self.output_dir / "summary.md").write_text(text)
+        write_text_atomic(text, self.output_dir / "summary.md")
         print(text, flush=True)
 
     def markdown(self) -> str:
@@ -241,17 +228,6 @@ def find_images(input_dir: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"No chest X-ray images in {folder}: expected {', '.join(IMAGE_SUFFIXES)} files "
                                 f"or extension-less DICOM files.")
     return found
-
-
-def check_files(files: Sequence[str] | str) -> list[str]:
-    """The given image files, checked to exist (an empty list or a missing file names itself)."""
-    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-    if not files:
-        raise FileNotFoundError("No input images given (input_files is empty).")
-    missing = [os.fspath(f) for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"Input image(s) not found: {missing}")
-    return [os.fspath(f) for f in files]
 
 
 def class_names_from_metadata(metadata: dict | str | os.PathLike, output: str = "pred") -> list[str]:

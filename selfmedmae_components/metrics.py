@@ -9,7 +9,6 @@ writes the per-case Dice / HD95 table (CSV, named classes) and the averages over
 from __future__ import annotations
 
 import csv
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -21,6 +20,8 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import HausdorffDistanceMetric
+
+from .data.common import write_json_atomic, write_text_atomic
 
 
 class HausdorffDistanceMMMetric(HausdorffDistanceMetric):
@@ -111,10 +112,9 @@ class SegmentationReport:
             }
             if "hd95" in tables:
                 self.summary["groups"][g]["hd95_missed"] = sum(math.isinf(tables["hd95"][i][j]) for i in range(len(self._cases)) for j in idx)
-        with open(self.output_dir / "summary.json", "w") as f:
-            json.dump(self.summary, f, indent=2)
+        write_json_atomic(self.summary, self.output_dir / "summary.json")
         text = self.markdown()
-        (self.output_dir / "summary.md").write_text(text)
+        write_text_atomic(text, self.output_dir / "summary.md")
         print(text, flush=True)
 
     def markdown(self) -> str:

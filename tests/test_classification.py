@@ -21,12 +21,12 @@ from selfmedmae_components.classification import (
     ClassificationReport,
     MeanROCAUC,
     ProbabilityCSVWriter,
-    check_files,
     class_names_from_metadata,
     find_images,
     mean_auc,
     per_class_auc,
 )
+from selfmedmae_components.bundle_utils import existing_files
 from selfmedmae_components.data.cxr14 import CLASSES
 from selfmedmae_components.transforms.randaugment import OPS, RandAugmentd, apply_op
 
@@ -113,9 +113,9 @@ def test_find_images_formats_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="No chest X-ray images"):
         find_images(tmp_path / "sub")
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        check_files([str(tmp_path / "a.jpg"), str(tmp_path / "missing.png")])
+        existing_files([str(tmp_path / "a.jpg"), str(tmp_path / "missing.png")], "input_files", "PNG, JPEG or DICOM files")
     with pytest.raises(FileNotFoundError, match="empty"):
-        check_files([])
+        existing_files([], "input_files", "PNG, JPEG or DICOM files")
 
 
 def test_randaugment_ops_keep_shape_range_and_type():

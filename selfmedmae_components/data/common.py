@@ -13,21 +13,25 @@ class DatasetError(ValueError):
     """A dataset on disk is not in the expected form; the message names the file and what was expected."""
 
 
-def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename, so a crash never
-    leaves a truncated file behind."""
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash never leaves a
+    truncated file behind (line ends as given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (:func:`write_text_atomic`)."""
+    return write_text_atomic(json.dumps(data, indent=2) + "\n", path)
 
 
 def load_datalist(datalist_file: str | os.PathLike, keys: str | list[str], base_dir: str | os.PathLike) -> list[dict]:
