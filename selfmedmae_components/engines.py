@@ -15,6 +15,8 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import CommonKeys
 
+from .bundle_utils import as_bool
+
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,8 +63,6 @@ def maybe_compile(module: torch.nn.Module, enabled: bool | str = False) -> torch
     first steps are slow while PyTorch compiles (about a minute for ViT-B on 2 CPU cores); after that
     the MAE step is about 10 % faster on CPU (tools/benchmark.py --compile). Needs a C++ compiler on CPU.
     """
-    from .bundle_utils import as_bool
-
     if as_bool(enabled):
         module.compile()
     return module

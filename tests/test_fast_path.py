@@ -87,16 +87,15 @@ def test_compiled_mae_matches_eager(monkeypatch):
     eager = copy.deepcopy(net)
     compiled = maybe_compile(net, True)
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    grads = []
+    runs = []  # (loss, mask, gradients) of the eager, then the compiled module
     for model in (eager, compiled):
         loss, _, mask = mae_loss(model, x, None)
         loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        if model is eager:
-            loss_eager, mask_eager = loss.detach(), mask
-    assert torch.equal(mask, mask_eager)
-    torch.testing.assert_close(loss.detach(), loss_eager, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+        runs.append((loss.detach(), mask, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (loss_eager, mask_eager, grads_eager), (loss_compiled, mask_compiled, grads_compiled) = runs
+    assert torch.equal(mask_compiled, mask_eager)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads_compiled, grads_eager, rtol=1e-3, atol=1e-5)
     assert maybe_compile(eager, False) is eager and eager._compiled_call_impl is None  # off: left eager
 
 

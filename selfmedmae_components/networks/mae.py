@@ -79,15 +79,10 @@ class MaskedAutoencoder(nn.Module):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, *img_size) -> (N, L, P); tokens row-major over the grid, values ordered [p1, (p2,) p3, C]."""
-        n, c = imgs.shape[:2]
-        split = [n, c]
-        for g, p in zip(self.grid_size, self.patch_size):
-            split += [g, p]
         nd = len(self.grid_size)
-        x = imgs.reshape(split)
         # (N, C, g1, p1, g2, p2, ...) -> (N, g1, g2, ..., p1, p2, ..., C)
-        x = x.permute(0, *range(2, 2 + 2 * nd, 2), *range(3, 3 + 2 * nd, 2), 1)
-        return x.reshape(n, self.encoder.num_patches, self.patch_dim)
+        x = self.encoder.split_patches(imgs).permute(0, *range(2, 2 + 2 * nd, 2), *range(3, 3 + 2 * nd, 2), 1)
+        return x.reshape(imgs.shape[0], self.encoder.num_patches, self.patch_dim)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, L, P) -> (N, C, *img_size); the inverse of ``patchify``."""

@@ -149,6 +149,13 @@ class ViTEncoder(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
+    def split_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, *img_size) -> (N, C, g1, p1, g2, p2, ...): the patch grid as axes, for patchify orders."""
+        split = list(x.shape[:2])
+        for g, p in zip(self.grid_size, self.patch_size):
+            split += [g, p]
+        return x.reshape(split)
+
     def embed_patches(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, *img_size) -> (N, L, D) patch tokens with their position embedding added; with
         ``ids_keep`` (N, L_keep), only those patches: (N, L_keep, D), as embedding all then gathering."""
@@ -162,13 +169,10 @@ class ViTEncoder(nn.Module):
             return x + self.pos_embed[:, 1:]
         # MAE: the stride-p convolution is a linear map of each flattened patch, so the masked patches
         # (75 % at the MAE default) need not be embedded at all, forward or backward
-        n, c, nd = x.shape[0], x.shape[1], self.spatial_dims
-        split = [n, c]
-        for g, p in zip(self.grid_size, self.patch_size):
-            split += [g, p]
+        nd = self.spatial_dims
         # (N, C, g1, p1, g2, p2, ...) -> (N, g1, g2, ..., C, p1, p2, ...): the conv weight's (C, p1, ...) order
-        patches = x.reshape(split).permute(0, *range(2, 2 + 2 * nd, 2), 1, *range(3, 3 + 2 * nd, 2))
-        patches = patches.reshape(n, self.num_patches, -1)
+        patches = self.split_patches(x).permute(0, *range(2, 2 + 2 * nd, 2), 1, *range(3, 3 + 2 * nd, 2))
+        patches = patches.reshape(x.shape[0], self.num_patches, -1)
         patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         tokens = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
         return tokens + self.pos_embed[0, 1:][ids_keep]
