@@ -9,7 +9,7 @@ import yaml
 BUNDLES = sorted(p.parent.parent for p in (Path(__file__).resolve().parents[1] / "bundles").glob("*/configs/finetune.yaml"))
 STAGES = ("pretrain", "finetune", "evaluate", "inference")
 SHARED = ("in_channels", "out_channels", "roi_size", "img_size", "resize", "pixdim", "hu_min", "hu_max", "patch_size",
-          "hidden_size", "num_layers", "num_heads", "mlp_ratio", "feature_size", "skip_blocks", "sw_batch_size",
+          "hidden_size", "num_layers", "num_heads", "mlp_ratio", "feature_size", "skip_hidden_states", "sw_batch_size",
           "sw_overlap", "class_names", "et_mapping", "dataset_dir")
 
 

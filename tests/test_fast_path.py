@@ -151,7 +151,7 @@ def test_fused_adamw_matches_default_adamw():
 
 def test_unetr_bf16_sliding_window_matches_fp32():
     torch.manual_seed(0)
-    net = UNETR(1, 4, 32, feature_size=8, hidden_size=96, num_layers=3, num_heads=4, skip_blocks=(1, 2, 3)).eval()
+    net = UNETR(1, 4, 32, feature_size=8, hidden_size=96, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2)).eval()
     g = torch.Generator().manual_seed(2)
     vol = torch.nn.functional.interpolate(torch.rand(1, 1, 6, 6, 5, generator=g), size=(48, 48, 40), mode="trilinear")
     sw = SlidingWindowInferer(roi_size=(32, 32, 32), sw_batch_size=4, overlap=0.5)

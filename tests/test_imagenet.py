@@ -70,7 +70,7 @@ def to_hf(sd):
 
 
 def unetr(img_size):
-    return UNETR(1, 14, img_size, hidden_size=WIDTH, num_layers=DEPTH, num_heads=HEADS, skip_blocks=(1, 2, 2))
+    return UNETR(1, 14, img_size, hidden_size=WIDTH, num_layers=DEPTH, num_heads=HEADS, skip_hidden_states=(0, 1, 1))
 
 
 def classifier(img_size=224, in_channels=3):
@@ -140,7 +140,7 @@ def test_3d_unetr_inflates_patch_embedding_and_position_grid(tmp_path):
 def test_3d_unetr_at_the_paper_roi_grid_and_several_channels(tmp_path):
     sd = timm_vit()
     torch.save(sd, tmp_path / "vit.pth")
-    net = UNETR(4, 3, (96, 64, 48), hidden_size=WIDTH, num_layers=DEPTH, num_heads=HEADS, skip_blocks=(1, 2, 2))
+    net = UNETR(4, 3, (96, 64, 48), hidden_size=WIDTH, num_layers=DEPTH, num_heads=HEADS, skip_hidden_states=(0, 1, 1))
     load_imagenet_vit(net, tmp_path / "vit.pth")  # BraTS-like: 4 channels, non-cubic grid 6 x 4 x 3
     pos = net.encoder.pos_embed.detach()[0, 1:].reshape(6, 4, 3, WIDTH)
     grid = sd["pos_embed"][:, 1:].reshape(1, 14, 14, WIDTH).permute(0, 3, 1, 2)

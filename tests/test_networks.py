@@ -161,12 +161,27 @@ def test_vit_encoder_input_checks():
 
 
 def test_unetr_and_classifier_shapes_and_learnable_pos_embed():
-    unetr = UNETR(1, 14, 32, hidden_size=48, num_layers=3, num_heads=4, skip_blocks=(1, 2, 3))
+    unetr = UNETR(1, 14, 32, hidden_size=48, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2))
     assert unetr(torch.randn(1, 1, 32, 32, 32)).shape == (1, 14, 32, 32, 32)
     assert unetr.encoder.pos_embed.requires_grad
     # initialised from the sine-cosine table, zero cls row
     assert torch.allclose(unetr.encoder.pos_embed.data, sincos_pos_embed((2, 2, 2), 48))
     clf = ViTClassifier(3, 14, 32, hidden_size=48, num_layers=2, num_heads=4)
     assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 14)
-    with pytest.raises(ValueError, match="skip_blocks"):
-        UNETR(1, 14, 32, hidden_size=48, num_layers=3, num_heads=4)  # default (3, 6, 9) needs 9 blocks
+    with pytest.raises(ValueError, match="skip_hidden_states"):
+        UNETR(1, 14, 32, hidden_size=48, num_layers=3, num_heads=4)  # default (3, 6, 9) needs 10 blocks
+
+
+def test_unetr_skips_are_the_outputs_of_blocks_4_7_10():
+    """The decoder's three skip inputs are the outputs of blocks 4, 7 and 10 counted from 1 (hidden_states_out[3],
+    [6], [9] in MONAI's UNETR and the original code), cls removed, before the final norm."""
+    unetr = UNETR(1, 2, 32, feature_size=8, hidden_size=48, num_layers=12, num_heads=4).eval()
+    block_out, skip_in = {}, {}
+    for number, block in enumerate(unetr.encoder.blocks, start=1):
+        block.register_forward_hook(lambda m, i, out, n=number: block_out.__setitem__(n, out[:, 1:]))
+    for name in ("encoder2", "encoder3", "encoder4"):
+        getattr(unetr, name).register_forward_pre_hook(lambda m, args, n=name: skip_in.__setitem__(n, args[0]))
+    with torch.no_grad():
+        unetr(torch.randn(1, 1, 32, 32, 32))
+    for name, block_number in (("encoder2", 4), ("encoder3", 7), ("encoder4", 10)):
+        assert torch.equal(skip_in[name], unetr.tokens_to_volume(block_out[block_number])), name

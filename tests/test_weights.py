@@ -21,7 +21,7 @@ def save_mae(path, img_size=32, spatial_dims=3, in_channels=1, wrap=True):
 @pytest.mark.parametrize("wrap", [True, False])
 def test_transfer_loads_every_encoder_tensor_into_unetr(tmp_path, wrap):
     mae = save_mae(tmp_path / "mae.pt", wrap=wrap)
-    unetr = UNETR(1, 14, 32, skip_blocks=(1, 2, 3), **VIT)
+    unetr = UNETR(1, 14, 32, skip_hidden_states=(0, 1, 2), **VIT)
     report = transfer_encoder(unetr, tmp_path / "mae.pt")
     mae_encoder = {k: v for k, v in mae.state_dict().items() if k.startswith("encoder.")}
     assert sorted(report.loaded) == sorted(mae_encoder)
@@ -44,13 +44,13 @@ def test_transfer_2d_into_classifier_including_position_embedding(tmp_path):
 
 def test_transfer_fails_loudly_on_a_different_roi(tmp_path):
     save_mae(tmp_path / "mae.pt", img_size=32)
-    unetr = UNETR(1, 14, 48, skip_blocks=(1, 2, 3), **VIT)  # fine-tuning ROI differs from pre-training
+    unetr = UNETR(1, 14, 48, skip_hidden_states=(0, 1, 2), **VIT)  # fine-tuning ROI differs from pre-training
     with pytest.raises(CheckpointError, match=r"(?s)mae.pt does not fit.*encoder.pos_embed: checkpoint \(1, 9, 48\) vs model \(1, 28, 48\)"):
         transfer_encoder(unetr, tmp_path / "mae.pt")
 
 
 def test_missing_checkpoint_is_an_error_not_scratch_training(tmp_path):
-    unetr = UNETR(1, 14, 32, skip_blocks=(1, 2, 3), **VIT)
+    unetr = UNETR(1, 14, 32, skip_hidden_states=(0, 1, 2), **VIT)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         init_encoder(unetr, "mae", tmp_path / "nope.pt")
     with pytest.raises(ValueError, match="init_mode"):
@@ -63,7 +63,7 @@ def test_missing_checkpoint_is_an_error_not_scratch_training(tmp_path):
 def test_checkpoint_without_encoder_is_refused(tmp_path):
     torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="contains no 'encoder.\\*' tensors"):
-        transfer_encoder(UNETR(1, 14, 32, skip_blocks=(1, 2, 3), **VIT), tmp_path / "other.pt")
+        transfer_encoder(UNETR(1, 14, 32, skip_hidden_states=(0, 1, 2), **VIT), tmp_path / "other.pt")
 
 
 class Payload:

@@ -292,7 +292,7 @@ def preset_settings(preset: str, overrides: dict) -> dict:
     s["weight_decay"] = setting(pre, "weight_decay", 0.05)
     s["out_channels"] = setting(fin, "out_channels")
     s["feature_size"] = setting(fin, "feature_size", 16)
-    s["skip_blocks"] = tuple(setting(fin, "skip_blocks", (3, 6, 9)))
+    s["skip_hidden_states"] = tuple(setting(fin, "skip_hidden_states", (3, 6, 9)))
     s["drop_path_rate"] = setting(fin, "drop_path_rate", 0.1)
     s["layer_decay"] = setting(fin, "layer_decay", 0.75)
     s["finetune_betas"] = tuple(setting(fin, "betas", (0.9, 0.999)))
@@ -303,9 +303,9 @@ def preset_settings(preset: str, overrides: dict) -> dict:
     for k, v in overrides.items():
         if v is not None:
             s[k] = v
-    if s.get("skip_blocks") and max(s["skip_blocks"]) > s["num_layers"]:  # a shrunken ViT: spread the skips
+    if s.get("skip_hidden_states") and max(s["skip_hidden_states"]) >= s["num_layers"]:  # a shrunken ViT: spread the skips
         n = s["num_layers"]
-        s["skip_blocks"] = (max(1, n // 4), max(1, n // 2), max(1, 3 * n // 4))
+        s["skip_hidden_states"] = tuple(max(0, round(k * n / 12) - 1) for k in (4, 7, 10))  # blocks 4, 7, 10 of 12
     return s
 
 
@@ -427,7 +427,7 @@ def finetune_variants(cfg, preset, device, batch, amp, fused, compile_, log) -> 
     else:
         net = UNETR(
             c["in_channels"], c["out_channels"], c["roi_size"], c["feature_size"], c["hidden_size"], c["num_layers"],
-            c["num_heads"], c["mlp_ratio"], c["drop_path_rate"], skip_blocks=c["skip_blocks"],
+            c["num_heads"], c["mlp_ratio"], c["drop_path_rate"], skip_hidden_states=c["skip_hidden_states"],
         ).to(device)  # fmt: skip
         x = torch.rand(batch, c["in_channels"], *c["roi_size"], device=device)
         if preset == "brats":
@@ -526,7 +526,7 @@ def sw_variants(cfg, preset, device, amp, sw_measure_size, fast_overlap, fast_sw
     torch.manual_seed(0)
     ours = UNETR(
         c["in_channels"], c["out_channels"], c["roi_size"], c["feature_size"], c["hidden_size"], c["num_layers"],
-        c["num_heads"], c["mlp_ratio"], 0.0, skip_blocks=c["skip_blocks"],
+        c["num_heads"], c["mlp_ratio"], 0.0, skip_hidden_states=c["skip_hidden_states"],
     ).to(device).eval()  # fmt: skip
     if checkpoint:
         from selfmedmae_components.weights import load_state_dict

@@ -14,8 +14,11 @@ from .vit import ViTEncoder
 class UNETR(nn.Module):
     """UNETR with MONAI's decoder topology and a ViT encoder with cls token and drop path.
 
-    Skips come from the outputs of blocks ``skip_blocks`` (1-based, before the final norm, cls
-    removed) and the final normed output; ``encoder1`` is a basic block on the raw image.
+    Skips come from ``hidden_states_out[i]`` for i in ``skip_hidden_states``, where ``hidden_states_out``
+    lists every block's output in order (before the final norm, cls removed), exactly as MONAI's UNETR and
+    the original SelfMedMAE code index it: the default (3, 6, 9) is the output of blocks 4, 7 and 10
+    counted from 1. The fourth input is the final normed output; ``encoder1`` is a basic block on the
+    raw image.
 
     Args:
         in_channels: image channels.
@@ -26,7 +29,8 @@ class UNETR(nn.Module):
         drop_path_rate: stochastic depth of the encoder, linear over depth up to this value.
         norm_name: feature normalisation of the convolutional blocks.
         res_block: residual convolutional blocks.
-        skip_blocks: the three encoder blocks (1-based) whose outputs feed the skip connections.
+        skip_hidden_states: three 0-based indices into the list of block outputs whose entries feed the
+            skip connections (default (3, 6, 9), i.e. blocks 4, 7, 10 of 12 as in MONAI and the paper).
         spatial_dims: 3 (2 also works).
 
     Example::
@@ -50,13 +54,15 @@ class UNETR(nn.Module):
         drop_path_rate: float = 0.1,
         norm_name: tuple | str = "instance",
         res_block: bool = True,
-        skip_blocks: Sequence[int] = (3, 6, 9),
+        skip_hidden_states: Sequence[int] = (3, 6, 9),
         spatial_dims: int = 3,
     ) -> None:
         super().__init__()
-        if len(skip_blocks) != 3 or not all(1 <= b <= num_layers for b in skip_blocks):
-            raise ValueError(f"skip_blocks must be three block numbers in 1..{num_layers}, got {skip_blocks}.")
-        self.skip_blocks = tuple(skip_blocks)
+        if len(skip_hidden_states) != 3 or not all(0 <= i < num_layers for i in skip_hidden_states):
+            raise ValueError(
+                f"skip_hidden_states must be three 0-based block-output indices in 0..{num_layers - 1}, got {skip_hidden_states}."
+            )
+        self.skip_hidden_states = tuple(skip_hidden_states)
         self.encoder = ViTEncoder(
             in_channels, img_size, self.patch_size, spatial_dims, hidden_size, num_layers, num_heads, mlp_ratio,
             drop_path_rate=drop_path_rate, learnable_pos_embed=True,
@@ -81,7 +87,7 @@ class UNETR(nn.Module):
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         x, hidden_states = self.encoder(x_in)
-        s1, s2, s3 = (self.tokens_to_volume(hidden_states[b - 1]) for b in self.skip_blocks)
+        s1, s2, s3 = (self.tokens_to_volume(hidden_states[i]) for i in self.skip_hidden_states)
         enc1 = self.encoder1(x_in)
         enc2 = self.encoder2(s1)
         enc3 = self.encoder3(s2)
