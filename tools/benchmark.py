@@ -64,7 +64,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from selfmedmae_components.engines import AutocastInferer, MAETrainingStep, TrainingStep, autocast_dtype  # noqa: E402
+from selfmedmae_components.engines import (  # noqa: E402
+    AutocastInferer, MAETrainingStep, TrainingStep, autocast_dtype, cpu_capability, precision_choice,
+)
 
 PRESETS = {
     # bundle folder, CT-/MR-sized volume for sliding-window inference (after resampling)
@@ -744,11 +746,13 @@ def main(
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    fast = autocast_dtype(dev, amp)
+    fast, precision_reason = precision_choice(dev, amp)
+    # the CPU's bf16 capability and the precision chosen from it, so that numbers from two CPUs compare
     env = dict(
         device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-        cpu_model=_cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
-        amp_dtype=str(fast) if fast else None, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        cpu_model=_cpu_model(), cpu_capability=cpu_capability(), threads=torch.get_num_threads(), torch=torch.__version__,
+        python=platform.python_version(), amp_dtype=str(fast) if fast else None, precision=precision_reason,
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     )  # fmt: skip
     try:
         import monai
@@ -757,6 +761,7 @@ def main(
     except ImportError:
         pass
     log(f"{env['device_name']} ({env['cpu_model']}), {env['threads']} threads, torch {env['torch']}, amp {env['amp_dtype']}")
+    log(f"precision: {precision_reason}")
     log("settings: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     if dev.type == "cpu" and hasattr(os, "getloadavg"):
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
