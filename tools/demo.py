@@ -4,14 +4,18 @@
 
     python tools/demo.py                 # every bundle listed in DEMOS (btcv_seg, brats_seg, cxr14_cls)
     python tools/demo.py --bundles btcv_seg --workdir demo_runs
+    python tools/demo.py --amp False     # float32, as on a CPU without native bf16 (default: the configs' amp)
 
 Each bundle runs with its configs/demo.yaml preset layered on the real configs (a small ViT on
 small crops, so that it fits a few minutes on 2 CPU cores); the epoch counts are set below.
+The console shows each training stage's epoch, loss and an estimated time left (read from the stage's
+log, where MONAI's StatsHandler writes every iteration); the full log stays in <workdir>/<bundle>/demo.log.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -19,6 +23,8 @@ import time
 from pathlib import Path
 
 import fire
+
+from selfmedmae_components.bundle_utils import as_bool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,41 +42,145 @@ DEMOS = {
 }
 
 
-def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
+# MONAI StatsHandler's iteration line, e.g. "Epoch: 3/40, Iter: 5/10 -- train_loss: 0.8123 ", and the
+# progress bar of MONAI's CacheDataset (tqdm), e.g. "Loading dataset:  45%|####5     | 9/20 [00:01<00:02]"
+ITERATION = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+) -- \w+: (\S+)")
+CACHING = re.compile(r"Loading dataset:.*?\| *(\d+)/(\d+)")
+
+
+def duration(seconds: float) -> str:
+    """``65`` -> ``1m05s``: short enough for a status line."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class StageProgress:
+    """A bundle stage's progress as its log tells it: epoch / total, the epoch's mean loss and an ETA.
+
+    ``feed`` takes new log text with the time it was read; the ETA extrapolates the rate since the
+    first iteration line, so the minutes of start-up and caching before it do not count as training.
+    """
+
+    def __init__(self, label: str, start: float) -> None:
+        self.label, self.start = label, start
+        self.epoch = self.epochs = self.completed = 0
+        self.fraction = 0.0  # of all iterations
+        self.losses: list[float] = []  # this epoch's, so far
+        self.epoch_loss: float | None = None  # the last completed epoch's mean
+        self.first: tuple[float, float] | None = None  # (time, fraction) at the first iteration line
+        self.now = start
+        self.caching: str | None = None
+        self.partial = ""
+
+    def feed(self, text: str, now: float) -> None:
+        self.now = now
+        # tqdm ends its updates with \r; a line still being written waits for the next call
+        *lines, self.partial = re.split(r"[\r\n]", self.partial + text)
+        for line in lines:
+            if m := CACHING.search(line):
+                self.caching = f"{m[1]}/{m[2]}"
+            if not (m := ITERATION.search(line)):
+                continue
+            epoch, epochs, it, its = map(int, m.groups()[:4])
+            if epoch != self.epoch:
+                self.losses = []
+            self.epoch, self.epochs = epoch, epochs
+            self.losses.append(float(m[5]))
+            self.fraction = (epoch - 1 + it / its) / epochs
+            self.first = self.first or (now, self.fraction)
+            if it == its:
+                self.completed, self.epoch_loss = epoch, sum(self.losses) / len(self.losses)
+
+    def eta(self) -> float | None:
+        if self.first is None or self.fraction <= self.first[1]:
+            return None
+        t0, f0 = self.first
+        return (self.now - t0) / (self.fraction - f0) * (1 - self.fraction)
+
+    def status(self, settled: bool = False) -> str:
+        """One line; ``settled``: the last completed epoch and its mean loss, else the running epoch."""
+        if not self.epochs:
+            what = f"caching {self.caching}" if self.caching else "running"
+            return f"{self.label}  {what}  {duration(self.now - self.start)}"
+        epoch, loss = (self.completed, self.epoch_loss) if settled else (self.epoch, sum(self.losses) / len(self.losses))
+        eta = self.eta()
+        return f"{self.label}  epoch {epoch}/{self.epochs}  loss {loss:.4f}  ETA {'--' if eta is None else duration(eta)}"
+
+    def report_due(self, last_reported: int) -> bool:
+        """For a log that is not a terminal: a line every tenth of the epochs (and at the last one)."""
+        every = max(1, round(self.epochs / 10))
+        return self.completed > last_reported and (self.completed % every == 0 or self.completed == self.epochs)
+
+
+def _run(cmd: list[str], log: Path, env: dict | None = None, label: str = "") -> None:
+    """Run ``cmd`` with its output appended to ``log``; meanwhile the console shows its progress, in place
+    on a terminal, else a line every few epochs."""
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     start = time.time()
-    with open(log, "a") as f:
+    tty = sys.stdout.isatty()
+    # UTF-8 whatever the locale (the progress bar draws with block characters); a stray byte must not stop the demo
+    with open(log, "a") as f, open(log, encoding="utf-8", errors="replace") as tail:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        tail.seek(0, os.SEEK_END)
+        progress, shown, reported = StageProgress(label, start), "", 0
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        while True:
+            try:
+                proc.wait(timeout=1)  # returns as soon as the stage ends
+            except subprocess.TimeoutExpired:
+                pass
+            progress.feed(tail.read(), time.time())
+            if tty:
+                line = "  " + progress.status()
+                print("\r" + line.ljust(len(shown)), end="", flush=True)
+                shown = line
+            elif progress.report_due(reported):
+                print("  " + progress.status(settled=True), flush=True)
+                reported = progress.completed
+            if proc.returncode is not None:
+                break
+        if shown:
+            print()
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}) after {time.time() - start:.0f} s; see the log: {log}")
     print(f"  done in {time.time() - start:.0f} s", flush=True)
 
 
-def run_demo(bundle: str, workdir: Path) -> None:
+def stages(bundle: str, workdir: Path, amp: bool | str | None = None) -> list[tuple[str, list[str], dict]]:
+    """The demo's commands for ``bundle``, in order, as (label, command, extra environment)."""
     spec = DEMOS[bundle]
-    data_root = workdir / "data" / spec["data"]
+    data_root, out, py = workdir / "data" / spec["data"], workdir / bundle, sys.executable
+    dataset_dir = data_root / spec["dataset"]
+    # the caching progress bar (tqdm) goes to the log file: an update a second, not ten
+    env = {"TQDM_MININTERVAL": "1", **spec.get("env", {})}
+    cfg = lambda name: str([f"bundles/{bundle}/configs/{name}.yaml", f"bundles/{bundle}/configs/demo.yaml"])
+    common = ["--dataset_dir", str(dataset_dir), "--bundle_root", str(out)]
+    # every stage's config has the `amp` switch; "False"/"True", as fire (MONAI's CLI) reads those as bools
+    amp_arg = [] if amp is None else ["--amp", str(as_bool(amp))]
+    bundle_run = [py, "-m", "monai.bundle", "run"]
+    return [
+        ("data", [py, "tools/make_demo_data.py", spec["data"], str(data_root), *spec.get("make_args", [])], {}),
+        ("prepare", [py, f"tools/{spec['prepare']}", str(dataset_dir)], {}),
+        ("pretrain", bundle_run + ["pretrain", "--config_file", cfg("pretrain"), *common, *amp_arg,
+                                   "--max_epochs", str(spec["pretrain_epochs"])], env),
+        ("finetune", bundle_run + ["finetune", "--config_file", cfg("finetune"), *common, *amp_arg,
+                                   "--max_epochs", str(spec["finetune_epochs"]), "--val_interval", str(spec["val_interval"])], env),
+        ("evaluate", bundle_run + ["evaluate", "--config_file", cfg("evaluate"), *common, *amp_arg], env),
+        ("inference", bundle_run + ["inference", "--config_file", cfg("inference"), "--bundle_root", str(out), *amp_arg,
+                                    "--input_dir", str(dataset_dir / spec["input"])], env),
+    ]  # fmt: skip
+
+
+def run_demo(bundle: str, workdir: Path, amp: bool | str | None = None) -> None:
     out = workdir / bundle
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
     log.write_text("")
-    py = sys.executable
     print(f"\n=== {bundle}: outputs in {out}, full log in {log}", flush=True)
-    env = spec.get("env")
-    _run([py, "tools/make_demo_data.py", spec["data"], str(data_root), *spec.get("make_args", [])], log)
-    dataset_dir = data_root / spec["dataset"]
-    _run([py, f"tools/{spec['prepare']}", str(dataset_dir)], log)
-    cfg = lambda name: str([f"bundles/{bundle}/configs/{name}.yaml", f"bundles/{bundle}/configs/demo.yaml"])
-    common = ["--dataset_dir", str(dataset_dir), "--bundle_root", str(out)]
-    bundle_run = [py, "-m", "monai.bundle", "run"]
-    _run(bundle_run + ["pretrain", "--config_file", cfg("pretrain"), *common, "--max_epochs", str(spec["pretrain_epochs"])],
-         log, env)
-    _run(bundle_run + ["finetune", "--config_file", cfg("finetune"), *common, "--max_epochs", str(spec["finetune_epochs"]),
-                       "--val_interval", str(spec["val_interval"])], log, env)
-    _run(bundle_run + ["evaluate", "--config_file", cfg("evaluate"), *common], log, env)
-    _run(bundle_run + ["inference", "--config_file", cfg("inference"), "--bundle_root", str(out),
-                       "--input_dir", str(dataset_dir / spec["input"])], log, env)
+    for label, cmd, env in stages(bundle, workdir, amp):
+        _run(cmd, log, env, f"{bundle} {label}")
     losses = (out / "logs" / "pretrain" / "loss.csv").read_text().splitlines()[1:]
     first, last = float(losses[0].split(",")[2]), float(losses[-1].split(",")[2])
     print(f"\nMAE pre-training loss: epoch 1 {first:.4f} -> epoch {len(losses)} {last:.4f}")
@@ -82,15 +192,16 @@ def run_demo(bundle: str, workdir: Path) -> None:
     print(f"TensorBoard:          tensorboard --logdir {out / 'logs'}")
 
 
-def main(bundles: str | tuple = tuple(DEMOS), workdir: str = "demo_runs") -> None:
-    """Run the demo for the given bundles (comma-separated or a list) into ``workdir``."""
+def main(bundles: str | tuple = tuple(DEMOS), workdir: str = "demo_runs", amp: bool | str | None = None) -> None:
+    """Run the demo for the given bundles (comma-separated or a list) into ``workdir``; ``amp`` overrides
+    the configs' mixed-precision switch (``--amp False``: float32 throughout)."""
     names = bundles.split(",") if isinstance(bundles, str) else list(bundles)
     unknown = [b for b in names if b not in DEMOS]
     if unknown:
         sys.exit(f"unknown bundle(s) {unknown}; choose from {sorted(DEMOS)}")
     start = time.time()
     for bundle in names:
-        run_demo(bundle, (REPO / workdir).resolve())
+        run_demo(bundle, (REPO / workdir).resolve(), amp)
     print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min")
 
 
