@@ -85,6 +85,17 @@ def test_truncated_checkpoint_is_named(tmp_path):
         load_state_dict(tmp_path / "cut.pt")
 
 
+@pytest.mark.parametrize("content, found", [(b"hello\n", "text starting 'hello'"), (b"", "an empty file"),
+                                            (b"\x00\x01\x02\x03", "binary data")])
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content, found):
+    (tmp_path / "notes.txt").write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(tmp_path / "notes.txt")
+    message = str(err.value)
+    assert f"{tmp_path / 'notes.txt'} is not a PyTorch checkpoint" in message and found in message
+    assert "pickle" not in message  # not the weights_only refusal meant for checkpoints that hold code
+
+
 def test_ddp_prefix_is_removed(tmp_path):
     mae = save_mae(tmp_path / "mae.pt", wrap=False)
     torch.save({"model": {f"module.{k}": v for k, v in mae.state_dict().items()}}, tmp_path / "ddp.pt")

@@ -11,5 +11,6 @@ import fire
 from selfmedmae_components.data.cxr14 import prepare_datalist
 
 if __name__ == "__main__":
+    # a DatasetError ends the tool with "error: <message>" (selfmedmae_components.errors, as the bundles do);
     # the summary is printed by prepare_datalist; do not let fire dump the 112k-item dict
     fire.Fire(prepare_datalist, serialize=lambda datalist: None)

@@ -4,15 +4,10 @@
         [--num_val_cases N] [--seed 12345] [--check_files False]
 """
 
-import sys
-
 import fire
 
-from selfmedmae_components.data.common import DatasetError
 from selfmedmae_components.data.msd_brats import prepare_datalist
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(prepare_datalist, serialize=lambda _: None)  # the summary line is enough
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    # a DatasetError ends the tool with "error: <message>" (selfmedmae_components.errors, as the bundles do)
+    fire.Fire(prepare_datalist, serialize=lambda _: None)  # the summary line is enough

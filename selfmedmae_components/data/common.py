@@ -8,8 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset on disk is not in the expected form; the message names the file and what was expected."""
 
 
@@ -51,8 +53,15 @@ def load_datalist(datalist_file: str | os.PathLike, keys: str | list[str], base_
             f"Datalist not found: {datalist_file}. Create it from the downloaded dataset with the bundle's "
             f"preparation tool (tools/prepare_*.py), or set --datalist_file."
         )
-    with open(datalist_file) as f:
-        available = json.load(f)
+    try:
+        with open(datalist_file) as f:
+            available = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(
+            f"{datalist_file} is not a datalist JSON file ({e}); write it with tools/prepare_*.py."
+        ) from e
+    if not isinstance(available, dict):
+        raise DatasetError(f"{datalist_file} is not a datalist: expected a JSON object with 'training' ... lists.")
     items: list[dict] = []
     for key in [keys] if isinstance(keys, str) else keys:
         if key not in available:
