@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
-from selfmedmae_components.data.common import DatasetError
+from selfmedmae_components.data.common import DatasetError, progress
 from selfmedmae_components.data.cxr14 import CLASSES, make_demo, parse_findings, prepare_datalist, split_by_patient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,8 @@ def test_demo_layout(demo):
 
 def test_prepare_on_demo(copy, capsys):
     datalist = prepare_datalist(copy)  # decodes every image, RGB and RGBA included
-    assert "validation" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "validation" in out and "Decoding the" in err  # says what it does before the minutes on 112k images
     assert json.loads((copy / "datalist.json").read_text()) == datalist
     assert datalist["labels"]["classes"] == list(CLASSES)
     rows = _csv_rows(copy)
@@ -99,6 +101,18 @@ def test_prepare_on_demo(copy, capsys):
     assert prepare_datalist(copy, output=out, check_images=False)["validation"] == datalist["validation"]
     assert prepare_datalist(copy, output=out, seed=1, check_images=False)["validation"] != datalist["validation"]
     assert prepare_datalist(copy, output=out, val_fraction=0, check_images=False)["validation"] == []
+
+
+def test_progress_lines():
+    lines = io.StringIO()
+    assert list(progress(range(4), 4, "Checking 4 files", every_s=0, stream=lines)) == [0, 1, 2, 3]
+    assert lines.getvalue().splitlines() == [
+        "Checking 4 files ...", "  1/4 (25%), 0:00 so far", "  2/4 (50%), 0:00 so far", "  3/4 (75%), 0:00 so far",
+        "  4/4 done in 0:00",
+    ]
+    quiet = io.StringIO()  # a quick check: one line
+    assert list(progress(range(4), 4, "Checking 4 files", stream=quiet)) == [0, 1, 2, 3]
+    assert quiet.getvalue() == "Checking 4 files ...\n"
 
 
 def test_split_by_patient_covers_classes():

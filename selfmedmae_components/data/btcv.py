@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DatasetError, write_json_atomic
+from .common import DatasetError, progress, write_json_atomic
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 from .synthetic import blob, capsule, grids, save_nifti, smooth_field
 
@@ -87,13 +87,18 @@ def prepare_datalist(
     train_cases = [c for c in TRAIN_CASES if c not in val_cases]
 
     problems: list[str] = []
-    for case in sorted(TRAIN_CASES + EVAL_CASES):
-        _check_pair(root / image_path(case), root / label_path(case), problems, check_files)
     test_cases = [c for c in TEST_CASES if (root / testing_image_path(c)).is_file()]
-    for case in test_cases if check_files else ():
-        img = open_nifti(root / testing_image_path(case), problems)
-        if img is not None and len(img.shape) != 3:
-            problems.append(f"{root / testing_image_path(case)}: expected a 3-D CT volume, got shape {img.shape}")
+    cases = [(c, True) for c in sorted(TRAIN_CASES + EVAL_CASES)] + [(c, False) for c in test_cases]
+    if check_files:
+        what = f"Reading the {len(cases)} cases of {root} (--check_files False: existence only)"
+        cases = progress(cases, len(cases), what)
+    for case, labelled in cases:
+        if labelled:
+            _check_pair(root / image_path(case), root / label_path(case), problems, check_files)
+        elif check_files:
+            img = open_nifti(root / testing_image_path(case), problems)
+            if img is not None and len(img.shape) != 3:
+                problems.append(f"{root / testing_image_path(case)}: expected a 3-D CT volume, got shape {img.shape}")
     if problems:
         raise DatasetError(f"BTCV at {root}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 

@@ -4,15 +4,51 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, TypeVar
 
 from ..errors import UserError
 
 
 class DatasetError(UserError, ValueError):
     """A dataset on disk is not in the expected form; the message names the file and what was expected."""
+
+
+T = TypeVar("T")
+
+
+def progress(
+    items: Iterable[T], total: int, what: str, every_s: float = 10.0, stream: TextIO | None = None
+) -> Iterator[T]:
+    """Yield ``items`` while telling stderr how far a long check has got.
+
+    Prints ``what`` first, then ``"  1200/112120 (1%), 0:10 so far"`` at most every ``every_s``
+    seconds, and the total time at the end if any such line was printed (a quick check stays at one
+    line). Lines, not a progress bar, so that logs of the run read the same.
+    """
+    stream = stream or sys.stderr
+    print(f"{what} ...", file=stream, flush=True)
+    start = last = time.monotonic()
+    done, reported = 0, False
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every_s and done < total:
+            percent = 100 * done // max(total, 1)
+            print(f"  {done}/{total} ({percent}%), {_clock(now - start)} so far", file=stream, flush=True)
+            last, reported = now, True
+    if reported:
+        print(f"  {done}/{total} done in {_clock(time.monotonic() - start)}", file=stream, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}" if minutes >= 60 else f"{minutes}:{sec:02d}"
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

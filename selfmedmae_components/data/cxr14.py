@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .common import DatasetError, write_json_atomic
+from .common import DatasetError, progress, write_json_atomic
 
 __all__ = ["CLASSES", "parse_findings", "split_by_patient", "prepare_datalist", "make_demo"]
 
@@ -210,8 +210,10 @@ def prepare_datalist(
     if missing:
         raise DatasetError(f"{len(missing)} listed image(s) not found under {root / 'images'}: {_some(missing)}")
     if check_images:
+        paths = [root / index[n] for n in train_val + test]
+        what = f"Decoding the {len(paths)} listed images under {root} (--check_images False: existence only)"
         with ThreadPoolExecutor(max(1, num_workers)) as pool:  # PIL decodes without holding the GIL
-            bad = [e for e in pool.map(_decode_error, (root / index[n] for n in train_val + test)) if e]
+            bad = [e for e in progress(pool.map(_decode_error, paths), len(paths), what) if e]
         if bad:
             raise DatasetError(f"{len(bad)} image(s) under {root / 'images'} cannot be decoded "
                                f"(expected PNG files PIL can read): {_some(bad)}")

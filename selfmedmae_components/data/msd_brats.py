@@ -23,7 +23,7 @@ import numpy as np
 
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 from .synthetic import blob, save_nifti, smooth_field
-from .common import DatasetError, write_json_atomic
+from .common import DatasetError, progress, write_json_atomic
 
 MSD_LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}
 MODALITIES = ("FLAIR", "T1w", "T1gd", "T2w")
@@ -109,13 +109,18 @@ def prepare_datalist(
         )
 
     problems: list[str] = []
-    for pair in pairs:
-        _check_pair(root / pair["image"], root / pair["label"], problems, check_files)
     tests = [t for t in tests if (root / t).is_file()]
-    for test in tests if check_files else ():
-        img = open_nifti(root / test, problems)
-        if img is not None and (len(img.shape) != 4 or img.shape[3] != 4):
-            problems.append(f"{root / test}: {_expected_image(img.shape)}")
+    cases = [(p["image"], p["label"]) for p in pairs] + [(t, None) for t in tests]
+    if check_files:
+        what = f"Reading the {len(cases)} cases of {root} (--check_files False: existence only)"
+        cases = progress(cases, len(cases), what)
+    for image, label in cases:
+        if label is not None:
+            _check_pair(root / image, root / label, problems, check_files)
+        elif check_files:
+            img = open_nifti(root / image, problems)
+            if img is not None and (len(img.shape) != 4 or img.shape[3] != 4):
+                problems.append(f"{root / image}: {_expected_image(img.shape)}")
     if problems:
         raise DatasetError(f"MSD BrainTumour at {root}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
