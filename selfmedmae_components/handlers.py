@@ -1,8 +1,10 @@
-"""Ignite handlers MONAI lacks: MAE reconstruction images, a per-epoch loss log, atomic checkpoints."""
+"""Ignite handlers MONAI lacks: MAE reconstruction images, a per-epoch loss log, exact replay on resume
+(atomic checkpoints: checkpointing.py)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from pathlib import Path
@@ -11,9 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointSaver
 from monai.utils import CommonKeys
 from PIL import Image
+
+from .checkpointing import AtomicCheckpointSaver, attach_resume  # noqa: F401  (the configs name them here)
+from .data.common import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +111,20 @@ class ReconstructionImageHandler:
 
 class EpochLossLogger:
     """Appends ``epoch, iteration, mean loss, lr`` to a CSV at every epoch end (the learning curve that
-    tests and the demo read back; TensorBoard has the same through MONAI's handlers)."""
+    tests and the demo read back; TensorBoard has the same through MONAI's handlers).
+
+    A run's first row rewrites the file, keeping only the rows of earlier epochs: a fresh run starts a new
+    log, and a run resumed from epoch N drops the rows the interrupted run wrote after its checkpoint, so
+    each epoch appears once.
+    """
+
+    HEADER = ["epoch", "iteration", "loss", "lr"]
 
     def __init__(self, output_file: str, loss_key: str = CommonKeys.LOSS) -> None:
         self.output_file = output_file
         self.loss_key = loss_key
         self._losses: list[float] = []
+        self._started = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._losses.clear())
@@ -122,27 +134,28 @@ class EpochLossLogger:
     def _collect(self, engine: Engine) -> None:
         self._losses.append(_first(engine.state.output)[self.loss_key])
 
+    def _rows_before(self, epoch: int) -> list[list[str]]:
+        path = Path(self.output_file)
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0] != self.HEADER or not all(r and r[0].isdigit() for r in rows[1:]):
+            raise ValueError(f"{path} is not a loss log of columns {','.join(self.HEADER)} with an integer epoch; "
+                             "move it away or choose another log_dir.")
+        return [r for r in rows[1:] if int(r[0]) < epoch]
+
     def __call__(self, engine: Engine) -> None:
         mean_loss = torch.stack([torch.as_tensor(x).float() for x in self._losses]).mean().item()
-        path = Path(self.output_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists() or engine.state.epoch == 1
-        with open(path, "w" if new else "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["epoch", "iteration", "loss", "lr"])
-            w.writerow([engine.state.epoch, engine.state.iteration, f"{mean_loss:.6f}", engine.optimizer.param_groups[-1]["lr"]])
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's CheckpointSaver writing through a temporary file and a rename, so a crash mid-write
-    never leaves a truncated checkpoint (MONAI turns Ignite's atomic mode off for file permissions)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if ckpt is not None:
-                ckpt.save_handler._atomic = True
+        row = [engine.state.epoch, engine.state.iteration, f"{mean_loss:.6f}", engine.optimizer.param_groups[-1]["lr"]]
+        if self._started:
+            with open(self.output_file, "a", newline="") as f:
+                csv.writer(f).writerow(row)
+            return
+        text = io.StringIO()
+        csv.writer(text).writerows([self.HEADER] + self._rows_before(engine.state.epoch) + [row])
+        write_text_atomic(text.getvalue(), self.output_file)
+        self._started = True
 
 
 class EpochSeeder:
@@ -172,22 +185,3 @@ class EpochSeeder:
         set_determinism(seed=seed)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=seed)
-
-
-def attach_resume(engine: Engine, resume: bool, ckpt_dir: str, prefix: str, load_dict: dict, map_location: Any = None) -> str | None:
-    """If ``resume``, load the newest ``<prefix>_checkpoint_epoch=N.pt`` of ``ckpt_dir`` into
-    ``load_dict`` (model, optimiser, scheduler, trainer state, ...) when the engine starts; returns its path."""
-    from monai.handlers import CheckpointLoader
-
-    from .bundle_utils import as_bool
-
-    if not as_bool(resume):
-        return None
-
-    found = sorted(Path(ckpt_dir).glob(f"{prefix}_checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[-1]))
-    if not found:
-        raise FileNotFoundError(f"resume=true but no '{prefix}_checkpoint_epoch=N.pt' in {ckpt_dir} to resume from.")
-    logger.info(f"Resuming from {found[-1]}")
-    print(f"Resuming from {found[-1]}", flush=True)
-    CheckpointLoader(load_path=str(found[-1]), load_dict=load_dict, map_location=map_location).attach(engine)
-    return str(found[-1])

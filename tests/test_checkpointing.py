@@ -1,0 +1,133 @@
+"""AtomicCheckpointSaver (issue 13): every rotated file (interval, best metric, final) is replaced only after
+its successor is complete; stale temporary files and an interrupted run's checkpoints are cleaned up.
+
+In-process and fast; the real SIGKILL during a write is in test_resume_and_ddp.py.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from selfmedmae_components.handlers import AtomicCheckpointSaver, EpochLossLogger
+
+
+def make_engine(net):
+    engine = Engine(lambda e, batch: {"loss": torch.tensor(float(batch))})
+    engine.optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _metric(e):  # a key metric that improves every epoch, so the best model is rotated every epoch
+        e.state.metrics["score"] = e.state.epoch / 10
+
+    return engine
+
+
+def resume_at_epoch_2(engine):
+    """What attach_resume's CheckpointLoader does when the run starts (after the saver attached)."""
+    engine.load_state_dict({"epoch": 2, "max_epochs": 4, "epoch_length": 2})
+
+
+def make_saver(folder, net):
+    state = {"model": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1)}
+    return AtomicCheckpointSaver(save_dir=str(folder), save_dict=state, file_prefix="mae", save_interval=1, n_saved=1,
+                                 save_final=True, final_filename="final.pt",
+                                 save_key_metric=True, key_metric_name="score", key_metric_filename="best.pt")
+
+
+@pytest.fixture
+def writes(monkeypatch, tmp_path):
+    """Records, for every torch.save, the file being written and the complete checkpoints beside it."""
+    seen = []
+    real_save = torch.save
+
+    def spy(obj, f, **kwargs):
+        present = {p.name for p in tmp_path.glob("*.pt")}
+        for name in present:
+            torch.load(tmp_path / name, weights_only=True)  # complete, or this raises
+        seen.append((Path(f.name).name, present))
+        real_save(obj, f, **kwargs)
+
+    monkeypatch.setattr(torch, "save", spy)
+    return seen
+
+
+def test_every_rotated_file_is_replaced_only_after_its_successor_is_complete(tmp_path, writes):
+    net = torch.nn.Linear(2, 2)
+    engine = make_engine(net)
+    saver = make_saver(tmp_path, net)
+    saver.attach(engine)
+    engine.run([1, 2], max_epochs=3)
+    saver.completed(engine)  # a second final save (MONAI also saves on an exception) rotates final.pt
+
+    # what was complete when each write began: once a kind of checkpoint exists, it never goes missing
+    kinds = [{"interval" if "checkpoint_epoch=" in n else n for n in present} for _, present in writes]
+    assert len(writes) == 3 + 3 + 2  # best and interval every epoch, final twice
+    for i in range(1, len(kinds)):
+        assert kinds[i - 1] <= kinds[i], f"write {i} ({writes[i][0]}) began with only {sorted(writes[i][1])}"
+    assert kinds[-1] == {"interval", "best.pt", "final.pt"}
+    # each file is written under a hidden temporary name beside its target, then renamed
+    assert all(name.startswith(".") and name.endswith(".tmp") for name, _ in writes)
+    # n_saved=1 holds, and nothing temporary is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "final.pt", "mae_checkpoint_epoch=3.pt"]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    net = torch.nn.Linear(2, 2)
+    engine = make_engine(net)
+    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, file_prefix="mae", save_interval=1,
+                          n_saved=1).attach(engine)
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, **kwargs):  # the second checkpoint (epoch 2) fails half-way
+        calls.append(f)
+        real_save(obj, f, **kwargs)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        engine.run([1, 2], max_epochs=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mae_model_epoch=1.pt"]  # and no temporary file
+    torch.load(tmp_path / "mae_model_epoch=1.pt", weights_only=True)
+
+
+def test_a_resumed_run_cleans_up_what_the_interrupted_run_left(tmp_path):
+    # an interrupted run: killed after renaming epoch 2 but before removing epoch 1, and while writing epoch 3
+    net = torch.nn.Linear(2, 2)
+    for epoch in (1, 2):
+        torch.save({"model": net.state_dict()}, tmp_path / f"mae_checkpoint_epoch={epoch}.pt")
+    (tmp_path / ".mae_checkpoint_epoch=3.pt.x1y2.tmp").write_bytes(b"PK\x03\x04 half")
+    (tmp_path / ".other.pt.abcd.tmp").write_bytes(b"not ours")  # another saver's file: left alone
+
+    engine = make_engine(net)
+    saver = make_saver(tmp_path, net)
+    saver.attach(engine)
+    assert not (tmp_path / ".mae_checkpoint_epoch=3.pt.x1y2.tmp").exists()
+    engine.add_event_handler(Events.STARTED, resume_at_epoch_2)
+    seen = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(sorted(p.name for p in tmp_path.glob("mae_*"))))
+    engine.run([1, 2])
+    # epoch 1 and 2 go once epoch 3 is complete; then n_saved=1 holds
+    assert seen == [["mae_checkpoint_epoch=3.pt"], ["mae_checkpoint_epoch=4.pt"]]
+    assert (tmp_path / ".other.pt.abcd.tmp").exists()
+
+
+def test_loss_log_keeps_each_epoch_once_after_a_resume(tmp_path):
+    log = tmp_path / "loss.csv"
+    # the interrupted run logged epochs 1-3 but its last checkpoint was epoch 2
+    log.write_text("epoch,iteration,loss,lr\r\n1,2,0.9,0.1\r\n2,4,0.8,0.1\r\n3,6,0.7,0.1\r\n")
+    net = torch.nn.Linear(2, 2)
+    engine = make_engine(net)
+    EpochLossLogger(str(log)).attach(engine)
+    engine.add_event_handler(Events.STARTED, resume_at_epoch_2)
+    engine.run([1, 2])
+    rows = [line.split(",") for line in log.read_text().splitlines()[1:]]
+    assert [(r[0], r[2]) for r in rows] == [("1", "0.9"), ("2", "0.8"), ("3", "1.500000"), ("4", "1.500000")]
+
+    log.write_text("step;value\n1;2\n")  # not our log: an error naming it, not a silent overwrite
+    fresh = make_engine(net)
+    EpochLossLogger(str(log)).attach(fresh)
+    with pytest.raises(ValueError, match="loss.csv is not a loss log"):
+        fresh.run([1, 2], max_epochs=1)
