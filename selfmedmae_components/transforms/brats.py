@@ -1,4 +1,5 @@
-"""BraTS tumour regions (WT, TC, ET) from MSD Task01_BrainTumour label maps, and back.
+"""BraTS tumour regions (WT, TC, ET) from MSD Task01_BrainTumour label maps, and back; a check of the
+images' four modalities.
 
 MSD labels: 0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour. The regions are
 evaluated as three overlapping binary channels in the order [WT, TC, ET]:
@@ -13,9 +14,8 @@ evaluated as three overlapping binary channels in the order [WT, TC, ET]:
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
-
-from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
+
+from ..data.msd_brats import MODALITIES  # the channels of MSD Task01_BrainTumour images, in order
 
 ET_MAPPINGS = ("dataset", "original")
 REGION_NAMES = ("WT", "TC", "ET")
@@ -144,3 +146,35 @@ class BratsRegionsToLabelsd(_BratsConversiond):
     """
 
     convert = staticmethod(regions_to_labels)
+
+
+class CheckModalitiesd(MapTransform):
+    """Dictionary transform: checks that each image (channel first, right after ``LoadImaged`` with
+    ``ensure_channel_first``) has one channel per modality, and raises a ``ValueError`` naming the file,
+    its channels and the modalities expected. Without it a 1-channel volume fails only inside the
+    sliding window, without the file name (``ViTEncoder expects input (N, 4, ...)``).
+
+    Args:
+        keys: keys of the images to check.
+        modalities: the expected channels, in order (MSD Task01_BrainTumour's by default).
+        allow_missing_keys: do not raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, modalities: Sequence[str] = MODALITIES, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.modalities = tuple(modalities)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] != len(self.modalities):
+                meta = image.meta if isinstance(image, MetaTensor) else d.get(f"{key}_meta_dict", {})
+                name = str(meta.get("filename_or_obj", key))
+                n = len(self.modalities)
+                raise ValueError(
+                    f"{name}: {image.shape[0]} channel(s), expected {n} ({', '.join(self.modalities)}) as the last "
+                    f"axis of a 4-D NIfTI (X, Y, Z, {n}), as in MSD Task01_BrainTumour (loaded channel first: "
+                    f"shape {tuple(image.shape)})."
+                )
+        return d
