@@ -149,14 +149,17 @@ def test_inference_errors_name_the_bad_input(pipeline, tmp_path):
         _run_in_process("inference", bundle_root=str(pipeline.out), input_files=good + [missing], output_dir=str(tmp_path / "out"))
     assert "Input image(s) not found" in _messages(exc.value) and missing in _messages(exc.value)
 
+    # an unreadable image is named and skipped, the others are still classified, and the run fails at the end
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
     shutil.copy(good[0], bad_dir)
     (bad_dir / "broken.png").write_bytes(b"this is not an image" * 20)
     with pytest.raises(Exception) as exc:
         _run_in_process("inference", bundle_root=str(pipeline.out), input_dir=str(bad_dir), output_dir=str(tmp_path / "out"))
-    assert "cannot read" in _messages(exc.value) and str(bad_dir / "broken.png") in _messages(exc.value)
-    assert not (tmp_path / "out" / "predictions.csv").exists()
+    assert "1 of 2 input(s) could not be processed" in _messages(exc.value)
+    assert f"{bad_dir / 'broken.png'}: ValueError: cannot read" in _messages(exc.value)
+    _, probs = _read_csv(tmp_path / "out" / "predictions.csv")
+    assert [Path(p).name for p in probs] == [Path(good[0]).name]
 
     empty = tmp_path / "empty"
     empty.mkdir()
