@@ -7,9 +7,10 @@ import torch.nn as nn
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
-def _no_weight_decay(name: str, param) -> bool:
-    # biases, LayerNorm/InstanceNorm weights and the learned tokens are not decayed
-    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+def _no_weight_decay(name: str, param, decay_tokens: bool = False) -> bool:
+    # biases, LayerNorm/InstanceNorm weights and (unless decay_tokens) the learned tokens are not decayed
+    exempt = NO_DECAY_NAMES if not decay_tokens else ("pos_embed",)
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in exempt
 
 
 def effective_lr(base_lr: float, batch_size: int) -> float:
@@ -17,12 +18,16 @@ def effective_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / 256
 
 
-def param_groups_weight_decay(model: nn.Module, lr: float, weight_decay: float = 0.05) -> list[dict]:
-    """Two groups, with and without weight decay (MAE pre-training)."""
+def param_groups_weight_decay(model: nn.Module, lr: float, weight_decay: float = 0.05, decay_tokens: bool = False) -> list[dict]:
+    """Two groups, with and without weight decay (MAE pre-training).
+
+    ``decay_tokens`` also decays the cls and mask tokens, as the original SelfMedMAE code did; MAE's
+    own code and our default exempt them.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_weight_decay(name, p) else decay).append(p)
+            (no_decay if _no_weight_decay(name, p, decay_tokens) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lr": lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": lr},

@@ -47,6 +47,11 @@ def test_pretraining_groups_skip_fixed_tables():
     ids = {id(p) for p in decay["params"] + no_decay["params"]}
     assert id(mae.encoder.pos_embed) not in ids and id(mae.decoder_pos_embed) not in ids
     assert id(mae.mask_token) in {id(p) for p in no_decay["params"]}
+    # the original code decayed the learned tokens (paper.yaml's weight_decay_tokens)
+    decay, no_decay = param_groups_weight_decay(mae, lr=1.0, decay_tokens=True)
+    decayed = {id(p) for p in decay["params"]}
+    assert id(mae.mask_token) in decayed and id(mae.encoder.cls_token) in decayed
+    assert not any(p.ndim <= 1 and id(p) in decayed for p in mae.parameters())
 
 
 def test_layer_id_and_effective_lr():
