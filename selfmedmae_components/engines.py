@@ -1,19 +1,23 @@
-"""Training steps for MONAI's SupervisedTrainer (passed as ``iteration_update``).
+"""Training steps for MONAI's SupervisedTrainer (passed as ``iteration_update``), and the run set-up
+(seeding, cuDNN and TF32 settings) every bundle config calls first.
 
 MONAI's own step supports mixed precision only on CUDA (fp16 + GradScaler) and has no gradient
 clipping. These steps add bf16/fp16 autocast on any device, an optional gradient-norm clip (the
-original code clipped nothing and users saw NaN losses under fp16), and the MAE step, whose loss
-comes from the network itself.
+original code clipped nothing and users saw NaN losses under fp16), gradient accumulation over
+micro-batches (the paper's batch on a smaller GPU), and the MAE step, whose loss comes from the
+network itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
 
 import torch
 from monai.data import MetaTensor
+from monai.engines.utils import default_prepare_batch
 from monai.utils import CommonKeys
 
 from .bundle_utils import as_bool
@@ -83,11 +87,40 @@ def autocast_dtype(device: torch.device, amp: bool | str, amp_dtype: str = "bflo
     return dtype
 
 
-def _to_device(batchdata: dict, key: str, engine: Any) -> torch.Tensor:
-    """``batchdata[key]`` on the engine's device as a plain tensor: training needs no metadata, MONAI's
-    MetaTensor adds a Python hook to every operation, and torch.compile'd networks refuse it."""
-    x = batchdata[key].to(engine.state.device, non_blocking=engine.non_blocking)
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
+def set_determinism(seed: int, deterministic: bool | str = False) -> None:
+    """Seed Python, NumPy and torch (MONAI's ``set_determinism``), and set cuDNN's mode.
+
+    MONAI's ``set_determinism`` also makes cuDNN deterministic and turns its benchmark mode off. That
+    stops the autotuning of the 3-D convolutions and still does not make CUDA runs bitwise repeatable
+    (other kernels use atomics), so here cuDNN stays in benchmark mode unless ``deterministic`` is set.
+    Seeding is the same either way, and CPU runs do not use cuDNN: their results do not change.
+    """
+    from monai.utils import set_determinism as monai_set_determinism
+
+    monai_set_determinism(seed=seed)
+    deterministic = as_bool(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def setup_run(seed: int, device: torch.device | str, deterministic: bool | str = False) -> None:
+    """What every bundle run does first: :func:`set_determinism`, and on CUDA TF32 for float32 matrix
+    products and convolutions (10-bit mantissa inputs, float32 accumulation; what amp: false runs on
+    Ampere and newer GPUs, about 8x the float32 rate). The only place the bundles set backend flags."""
+    set_determinism(seed, deterministic)
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _prepare(batchdata: dict, engine: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's (image, label) on the engine's device through the trainer's ``prepare_batch`` and
+    ``to_kwargs`` (MONAI's default moves them; the chest X-ray bundle's also replicates and normalises its
+    8-bit images there), as plain tensors: training needs no metadata, MONAI's MetaTensor adds a Python
+    hook to every operation, and torch.compile'd networks refuse it."""
+    prepare = getattr(engine, "prepare_batch", default_prepare_batch)
+    image, label = prepare(batchdata, engine.state.device, engine.non_blocking, **getattr(engine, "to_kwargs", {}))[:2]
+    return tuple(x.as_tensor() if isinstance(x, MetaTensor) else x for x in (image, label))
 
 
 def maybe_compile(module: torch.nn.Module, enabled: bool | str = False) -> torch.nn.Module:
@@ -105,17 +138,30 @@ def maybe_compile(module: torch.nn.Module, enabled: bool | str = False) -> torch
 class TrainingStep:
     """Supervised step: ``loss_function(network(image), label)`` under autocast, then an optimiser step.
 
+    With ``micro_batch_size``, the batch goes through the network in parts of at most that many
+    samples whose gradients add up before the one optimiser step (gradient accumulation): the batch,
+    learning rate and schedule stay the paper's while activation memory is that of a part. Each part's
+    loss is weighted by its share of the batch, which gives the whole batch's gradient for losses that
+    average over equally sized samples (Dice, cross-entropy, BCE, the MAE loss). Under
+    DistributedDataParallel the gradients are all-reduced once, after the last part.
+
     Args:
         amp: mixed precision on/off.
         amp_dtype: "bfloat16" (default; no scaler needed) or "float16" (CUDA, with a grad scaler).
         grad_clip_norm: clip the global gradient norm to this value; None or 0 disables it.
+        micro_batch_size: samples (crops) per forward/backward pass; None or 0: the whole batch at once.
     """
 
-    def __init__(self, amp: bool = False, amp_dtype: str = "bfloat16", grad_clip_norm: float | None = None) -> None:
+    def __init__(
+        self, amp: bool = False, amp_dtype: str = "bfloat16", grad_clip_norm: float | None = None,
+        micro_batch_size: int | None = None,
+    ) -> None:  # fmt: skip
         self.amp = amp
         self.amp_dtype = amp_dtype
         self.grad_clip_norm = grad_clip_norm
+        self.micro_batch_size = int(micro_batch_size or 0)
         self.scaler: torch.amp.GradScaler | None = None
+        self._scaler_state: dict | None = None  # a resumed run's scaler state, until the scaler exists
         self._dtype_for: dict[str, torch.dtype | None] = {}
 
     def dtype(self, device: torch.device) -> torch.dtype | None:
@@ -124,10 +170,24 @@ class TrainingStep:
             self._dtype_for[device.type] = dtype
             if dtype == torch.float16:
                 self.scaler = torch.amp.GradScaler(device.type)
+                if self._scaler_state is not None:
+                    self.scaler.load_state_dict(self._scaler_state)
+                    self._scaler_state = None
         return self._dtype_for[device.type]
 
+    def micro_batches(self, batchdata: dict) -> list[tuple[dict, float]]:
+        """The batch's image (and label) in parts of at most ``micro_batch_size`` samples, each with its
+        share of the batch; the whole batch (share 1) without ``micro_batch_size``."""
+        n = len(batchdata[CommonKeys.IMAGE])
+        if not self.micro_batch_size or n <= self.micro_batch_size:
+            return [(batchdata, 1.0)]
+        keys = [k for k in (CommonKeys.IMAGE, CommonKeys.LABEL) if k in batchdata]
+        starts = range(0, n, self.micro_batch_size)
+        return [({k: batchdata[k][i : i + self.micro_batch_size] for k in keys}, min(self.micro_batch_size, n - i) / n)
+                for i in starts]  # fmt: skip
+
     def compute_loss(self, engine: Any, batchdata: dict) -> tuple[torch.Tensor, dict]:
-        image, label = _to_device(batchdata, CommonKeys.IMAGE, engine), _to_device(batchdata, CommonKeys.LABEL, engine)
+        image, label = _prepare(batchdata, engine)
         pred = engine.network(image)
         return engine.loss_function(pred, label), {CommonKeys.IMAGE: image, CommonKeys.LABEL: label, CommonKeys.PRED: pred}
 
@@ -136,29 +196,50 @@ class TrainingStep:
         dtype = self.dtype(device)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, output = self.compute_loss(engine, batchdata)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(engine.optimizer)
-        else:
-            loss.backward()
+        parts = self.micro_batches(batchdata)
+        total = None
+        for i, (part, share) in enumerate(parts):
+            # DDP all-reduces the gradients in every backward; the parts before the last only accumulate
+            last = i == len(parts) - 1
+            no_sync = getattr(engine.network, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss, out = self.compute_loss(engine, part)
+                if share != 1.0:
+                    loss = loss * share
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            if i == 0:
+                output = out  # the first part's tensors: what the handlers show (e.g. the reconstruction image)
         if self.grad_clip_norm:
+            if self.scaler is not None:
+                # clip the true gradients; without a clip, scaler.step() unscales them, inside the fused
+                # AdamW kernel (the bundles' optimiser) rather than in a pass of its own
+                self.scaler.unscale_(engine.optimizer)
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
         if self.scaler is not None:
             self.scaler.step(engine.optimizer)
             self.scaler.update()
         else:
             engine.optimizer.step()
-        output[CommonKeys.LOSS] = loss.detach()
+        output[CommonKeys.LOSS] = total
         return output
 
     def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        if self.scaler is not None:
+            return {"scaler": self.scaler.state_dict()}
+        return {"scaler": self._scaler_state} if self._scaler_state is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.scaler is not None and "scaler" in state:
+        """Restores the fp16 grad scaler. A resumed run loads its checkpoint when the trainer starts, before
+        the first step has created the scaler (the precision depends on the device the step runs on), so
+        the state is kept until then."""
+        if "scaler" not in state:
+            return
+        if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+        else:
+            self._scaler_state = state["scaler"]
 
 
 class AutocastInferer:
@@ -197,7 +278,7 @@ class MAETrainingStep(TrainingStep):
 
     Args:
         mask_ratio: fraction of tokens masked (None: the network's own setting).
-        amp, amp_dtype, grad_clip_norm: as for :class:`TrainingStep`.
+        amp, amp_dtype, grad_clip_norm, micro_batch_size: as for :class:`TrainingStep`.
     """
 
     def __init__(self, mask_ratio: float | None = None, **kwargs: Any) -> None:
@@ -205,6 +286,6 @@ class MAETrainingStep(TrainingStep):
         self.mask_ratio = mask_ratio
 
     def compute_loss(self, engine: Any, batchdata: dict) -> tuple[torch.Tensor, dict]:
-        image = _to_device(batchdata, CommonKeys.IMAGE, engine)
+        image, _ = _prepare(batchdata, engine)
         loss, pred, mask = engine.network(image, self.mask_ratio)
         return loss, {CommonKeys.IMAGE: image, CommonKeys.PRED: pred, "mask": mask}

@@ -8,7 +8,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -158,6 +158,23 @@ class EpochLossLogger:
         self._started = True
 
 
+def log_every(interval: int) -> Callable[[Engine, int], bool]:
+    """An iteration filter for MONAI's StatsHandler and TensorBoardStatsHandler (their ``iteration_log``):
+    every ``interval``-th iteration of an epoch, and its last one (the demo and the tests read that line).
+
+    Each logged iteration reads the loss back from the device (``.item()``), which makes the host wait
+    for the GPU to finish the step before it can queue the next one; logging every iteration costs that
+    on every step.
+    """
+    interval = max(1, int(interval))
+
+    def due(engine: Engine, iteration: int) -> bool:
+        i = (iteration - 1) % engine.state.epoch_length + 1  # the iteration within the epoch, from 1
+        return i % interval == 0 or i == engine.state.epoch_length
+
+    return due
+
+
 class EpochSeeder:
     """Seeds every random stream from (seed, epoch) before each epoch, so that a run resumed from a
     checkpoint replays exactly the epochs an uninterrupted run would have had (augmentation, MAE masks,
@@ -166,11 +183,13 @@ class EpochSeeder:
     Args:
         seed: the run's seed.
         transform: the training transform (a MONAI Compose) whose random transforms are re-seeded.
+        deterministic: deterministic cuDNN (slower, see engines.set_determinism); seeding is the same either way.
     """
 
-    def __init__(self, seed: int, transform: Any = None) -> None:
+    def __init__(self, seed: int, transform: Any = None, deterministic: bool | str = False) -> None:
         self.seed = int(seed)
         self.transform = transform
+        self.deterministic = deterministic
 
     def attach(self, engine: Engine) -> None:
         # STARTED covers the first epoch after a (re)start, EPOCH_COMPLETED the next one; both run before
@@ -179,9 +198,9 @@ class EpochSeeder:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from monai.utils import set_determinism
+        from .engines import set_determinism
 
         seed = self.seed + engine.state.epoch + 1  # the seed of the coming epoch
-        set_determinism(seed=seed)
+        set_determinism(seed, self.deterministic)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=seed)

@@ -18,6 +18,16 @@ def effective_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / 256
 
 
+def global_batch_size(batch_size: int, num_items: int, world_size: int = 1, num_samples: int = 1) -> int:
+    """The samples one optimiser step really sees over all ranks: ``batch_size`` items per rank, unless a rank
+    has fewer (``num_items`` split evenly over ``world_size`` ranks, as DistributedSampler pads them), times
+    ``num_samples`` crops per item. 16 BTCV volumes on 8 ranks give 2 volumes per rank, not the 6 of
+    ``batch_size``: the learning rate must follow 2 x 4 x 8 = 64 crops, not 192.
+    """
+    per_rank = -(-int(num_items) // int(world_size))  # ceil
+    return min(int(batch_size), per_rank) * int(num_samples) * int(world_size)
+
+
 def param_groups_weight_decay(model: nn.Module, lr: float, weight_decay: float = 0.05, decay_tokens: bool = False) -> list[dict]:
     """Two groups, with and without weight decay (MAE pre-training).
 

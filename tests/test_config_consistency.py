@@ -52,3 +52,27 @@ def test_yaml_floats_are_numbers(bundle):
                     return
                 pytest.fail(f"{cfg.name}{path} = {node!r} is a string that looks like a number")
         walk(yaml.safe_load(cfg.read_text()), "")
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_runs_set_up_the_device_in_one_place(bundle):
+    """Issue 18: seeding through engines.setup_run (cuDNN autotuning unless `deterministic`, TF32 on CUDA),
+    never MONAI's set_determinism (deterministic cuDNN, no autotuning); training logs every `log_interval`
+    iterations; the memory switches reach the step and the network; fine-tuning validation under the same
+    autocast as evaluate.yaml."""
+    for cfg in (bundle / "configs").glob("*.yaml"):
+        assert "monai.utils.set_determinism" not in cfg.read_text(), cfg.name
+    for stage in STAGES:
+        config = load(bundle, stage)
+        assert config["deterministic"] is False
+        assert config["run"][0].startswith("$selfmedmae_components.engines.setup_run(") and "@deterministic)" in config["run"][0]
+    for stage in ("pretrain", "finetune"):
+        config = load(bundle, stage)
+        assert config["train"]["seeder"]["deterministic"] == "@deterministic"
+        assert config["train"]["iteration"]["micro_batch_size"] == "@micro_batch_size"
+        assert config["network_def"]["activation_checkpointing"] == "@activation_checkpointing"
+        assert config["activation_checkpointing"] is False
+        loggers = [h for h in config["train"]["handlers"] if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler")]
+        assert len(loggers) == 2 and all("log_every(@log_interval)" in h["iteration_log"] for h in loggers)
+    inferer = load(bundle, "finetune")["validate"]["inferer"]
+    assert inferer["_target_"] == "selfmedmae_components.engines.AutocastInferer" and inferer["amp"] == "@amp"

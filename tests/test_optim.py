@@ -3,7 +3,9 @@
 import pytest
 
 from selfmedmae_components.networks import UNETR, MaskedAutoencoder, ViTClassifier
-from selfmedmae_components.optim import effective_lr, layer_id, param_groups_layer_decay, param_groups_weight_decay
+from selfmedmae_components.optim import (
+    effective_lr, global_batch_size, layer_id, param_groups_layer_decay, param_groups_weight_decay,
+)
 
 
 def scales_by_name(groups):
@@ -59,3 +61,30 @@ def test_layer_id_and_effective_lr():
     assert layer_id("decoder5.conv.weight", 12) == 13
     assert effective_lr(1.5e-4, 256) == pytest.approx(1.5e-4)
     assert effective_lr(1.6e-3, 24) == pytest.approx(1.5e-4)
+
+
+@pytest.mark.parametrize("batch, items, ranks, samples, expected", [
+    (6, 16, 1, 4, 24),    # the paper's step: 6 volumes x 4 crops
+    (6, 16, 8, 4, 64),    # 16 BTCV volumes on 8 ranks: 2 volumes each, not 6
+    (6, 16, 3, 4, 72),    # 6 per rank after DistributedSampler's padding
+    (256, 1000, 2, 1, 512),
+])
+def test_global_batch_counts_what_each_rank_really_gets(batch, items, ranks, samples, expected):
+    assert global_batch_size(batch, items, ranks, samples) == expected
+
+
+@pytest.mark.parametrize("bundle, stage", [(b, s) for b in ("btcv_seg", "brats_seg", "cxr14_cls") for s in ("pretrain", "finetune")])
+def test_configs_scale_the_learning_rate_by_the_real_global_batch(bundle, stage):
+    from monai.bundle import ConfigParser
+
+    from bundle_runner import REPO
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / f"{stage}.yaml"))
+    base, batch = parser.get_parsed_content("base_learning_rate"), parser["batch_size"]
+    samples = parser["num_samples"] if "num_samples" in parser else 1
+    for ranks, items in ((1, 1000), (8, 16)):
+        parser["world_size"], parser["train#data"] = ranks, [{}] * items
+        parser.parse()  # drop the values resolved with the previous settings
+        expected = effective_lr(base, min(batch, -(-items // ranks)) * samples * ranks)
+        assert parser.get_parsed_content("learning_rate") == pytest.approx(expected), (ranks, items)

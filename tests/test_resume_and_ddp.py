@@ -5,6 +5,7 @@ The runs use the btcv_seg (and, for torchrun, cxr14_cls) pretrain/finetune confi
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,3 +191,19 @@ def test_torchrun_two_processes_cxr14(tmp_path):
     torchrun(2, "finetune", cfg("finetune"), max_epochs=2, val_interval=1, **common)
     assert len(read_losses(out / "logs/finetune/loss.csv")) == 2
     assert (out / "models" / "model.pt").is_file()  # best validation AUC, saved by rank 0
+
+
+def test_torchrun_three_processes_finetune_with_fewer_validation_cases_than_ranks(dataset, tmp_path):
+    """Issue 18: 2 validation cases on 3 ranks (MONAI's DistributedSampler raised there). The metric gathered
+    over the ranks must be the mean over the 2 cases (padding would count one twice): with a learning rate of 0
+    both runs validate their common initial weights, and one process must find the same Dice. The step runs
+    in micro-batches of 1 crop, so DDP's no_sync path runs too."""
+    common = dict(dataset_dir=dataset, init_mode="scratch", learning_rate=0.0, max_epochs=1, val_interval=1, batch_size=1,
+                  **TINY)  # fmt: skip
+    log = torchrun(3, "finetune", configs("btcv_seg", "finetune", "multi_gpu_finetune", "demo"), micro_batch_size=1,
+                   bundle_root=tmp_path / "ddp3", **common)  # fmt: skip
+    assert "Epoch: 1/1, Iter: 6/6" in log  # 16 volumes on 3 ranks: 6 each (padded), 1 per step
+    assert (tmp_path / "ddp3" / "models" / "model.pt").is_file()
+    single = run_bundle("finetune", configs("btcv_seg", "finetune", "demo"), bundle_root=tmp_path / "single", **common).stdout
+    dice = [float(re.search(r"Got new best metric of val_mean_dice: (\S+)", out).group(1)) for out in (log, single)]
+    assert dice[0] == pytest.approx(dice[1], rel=1e-5)

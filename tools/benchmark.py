@@ -4,6 +4,7 @@ sliding-window inference beside plain MONAI UNETR, and the data pipeline, all in
     python tools/benchmark.py --preset btcv --batch 2 --out results.json
     python tools/benchmark.py --preset brats --parts mae --hidden_size 384 --num_layers 6   # smaller ViT
     python tools/benchmark.py --preset cxr --batch 32 --compile                            # + torch.compile
+    python tools/benchmark.py --preset btcv --batch 24 --finetune_batch 6   # the configs' MAE step, fine-tuning micro-batch
 
 Every measurement interleaves the variants it compares (round r runs each variant once, then
 round r + 1, ...), after ``warmup`` untimed rounds, so a slow spell on a shared machine hits all
@@ -19,18 +20,27 @@ Parts (``--parts``, comma separated, default all):
             (MONAI's MAE under bf16 autocast does) is reported with its error, not hidden.
   finetune  fine-tuning step of our UNETR (btcv, brats) or ViT classifier (cxr), float32 and amp.
   sw        sliding-window inference (3D presets): plain float32 MONAI UNETR with the bundle's
-            inference settings (overlap, sw_batch_size: the original's) against ours in float32,
+            inference settings (overlap; sw_batch_size 4 as the original on CPU, 8 on CUDA) against ours in float32,
             with bf16 autocast (engines.AutocastInferer, the same settings), with a larger
             sw_batch_size (CUDA) and with a smaller overlap (a documented trade-off). Each variant's
-            labels are compared with our float32 labels (Dice, voxel agreement).
+            labels are compared with our float32 labels (Dice, voxel agreement). On CUDA each variant
+            runs once untimed first (cuDNN autotuning, allocator; ``--sw_warmup``).
   data      preprocessed crops/s from cached data: the bundle's own train transforms and
             CacheDataset, built from pretrain.yaml / finetune.yaml with monai.bundle.ConfigParser,
-            on synthetic volumes in the datasets' geometry (or your data: --data_dir).
+            on synthetic volumes in the datasets' geometry (or your data: --data_dir). Host memory
+            per cached case, its extrapolation to the full datasets and the crops/s before and after
+            a change of the configs: tools/data_benchmark.py.
 
-Memory: on CPU the rise of the resident set during the step (VmHWM after the step minus VmRSS
-before it, with the peak reset through /proc/self/clear_refs); on CUDA torch's max allocated.
+Memory: the step's own peak, above what was allocated before it (models, optimiser state, inputs):
+on CPU the rise of the resident set during the step (VmHWM after the step minus VmRSS before it,
+with the peak reset through /proc/self/clear_refs); on CUDA torch's max allocated minus the
+allocation before the step (``peak_mem_mib``), with the absolute max allocated beside it
+(``peak_mem_total_mib``: what the card must hold). The optimiser's share of a step is timed with
+CUDA events, so timing it adds no synchronisation inside the step.
 MFU: FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode, divided by the median
-time and by the device's matmul peak measured here in the same precision.
+time and by the device's matmul peak measured here in the same precision, under the bundles'
+backend settings (engines.setup_run: on CUDA TF32 for float32, the roof of the float32 rows, and
+cuDNN autotuning).
 
 On a CPU, sliding-window inference on a whole CT volume takes minutes per variant, so by default
 the inferer runs on a centre crop of it (``sw_measure_size``) and the seconds per CT volume are the
@@ -65,7 +75,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from selfmedmae_components.engines import (  # noqa: E402
-    AutocastInferer, MAETrainingStep, TrainingStep, autocast_dtype, cpu_capability, precision_choice,
+    AutocastInferer, MAETrainingStep, TrainingStep, autocast_dtype, cpu_capability, precision_choice, setup_run,
 )
 
 PRESETS = {
@@ -97,11 +107,13 @@ def _proc_status_kb(key: str) -> int | None:
 
 
 class PeakMemory:
-    """Peak memory of one call: CUDA max allocated, or on CPU the rise of the resident set."""
+    """Peak memory of one call above what was allocated before it: CUDA max allocated, or on CPU the rise
+    of the resident set. On CUDA ``total`` is the absolute max allocated (MiB) of the last call."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.kind = "cuda max allocated" if device.type == "cuda" else "cpu rss rise"
+        self.kind = "cuda max allocated above the allocation before the step" if device.type == "cuda" else "cpu rss rise"
+        self.total: float | None = None
         try:
             self._libc = ctypes.CDLL("libc.so.6")
         except OSError:
@@ -113,6 +125,7 @@ class PeakMemory:
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
             return
         if self._libc is not None:
             self._libc.malloc_trim(0)  # hand freed heap back, so the next peak is this call's own
@@ -127,7 +140,9 @@ class PeakMemory:
     def stop(self) -> float:
         """MiB."""
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.total = peak / 2**20
+            return (peak - self._start) / 2**20
         if self._can_reset:
             return max(0, (_proc_status_kb("VmHWM") or 0) - self._start) / 1024
         import resource
@@ -136,18 +151,22 @@ class PeakMemory:
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, reps: int = 5) -> float:
-    """Best-of-``reps`` TFLOP/s of a square matmul, the roof for MFU."""
-    n = 8192 if device.type == "cuda" else 2048
+    """TFLOP/s of a square matmul, the roof for MFU: the best of ``reps`` rounds, each timing a run of
+    back-to-back products after a warm-up (on a GPU one product is too short to time on its own: launch
+    and clock ramp-up would count). float32 runs under the current TF32 setting, as the steps do."""
+    n, inner = (8192, 20) if device.type == "cuda" else (2048, 1)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
+    for _ in range(inner):
+        a @ b
     sync(device)
     best = 0.0
     for _ in range(reps):
         t = time.perf_counter()
-        a @ b
+        for _ in range(inner):
+            a @ b
         sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e12)
+        best = max(best, inner * 2 * n**3 / (time.perf_counter() - t) / 1e12)
     return best
 
 
@@ -189,6 +208,7 @@ class Variant:
         self.times: list[float] = []
         self.opt_times: list[float] = []
         self.mem: list[float] = []
+        self.mem_total: list[float] = []
         self.flops: float | None = None
         self.error: str | None = None
 
@@ -219,30 +239,47 @@ def interleave(variants: list[Variant], device: torch.device, warmup: int, repea
             mem.start()
             sync(device)
             if v.phase is not None:
-                v.phase["opt"] = 0.0
+                optimizer_seconds(v.phase)  # drop what the warm-up and other variants' steps recorded
             t = time.perf_counter()
             v.run()
             sync(device)
             v.times.append(time.perf_counter() - t)
             v.mem.append(mem.stop())
+            if mem.total is not None:
+                v.mem_total.append(mem.total)
             if v.phase is not None:
-                v.opt_times.append(v.phase["opt"])
+                v.opt_times.append(optimizer_seconds(v.phase))
         log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{v.name} {v.times[-1]:.2f}s" for v in variants if not v.error))
 
 
 def timed_optimizer(optimizer: torch.optim.Optimizer, device: torch.device, phase: dict) -> None:
-    """Record the optimiser step's share of a step (``phase['opt']``); on CUDA it syncs around the step."""
+    """Record the optimiser step's share of a step (read with :func:`optimizer_seconds` after the step).
+
+    On CUDA with a pair of events on the stream, read once the step's closing sync has happened: syncing
+    around the optimiser step would stall the queue and time a step that the bundles never run."""
     step = optimizer.step
 
     def wrapped(*args, **kwargs):
-        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = step(*args, **kwargs)
+            end.record()
+            phase.setdefault("events", []).append((start, end))
+            return out
         t = time.perf_counter()
         out = step(*args, **kwargs)
-        sync(device)
         phase["opt"] = phase.get("opt", 0.0) + time.perf_counter() - t
         return out
 
     optimizer.step = wrapped
+
+
+def optimizer_seconds(phase: dict) -> float:
+    """The optimiser time recorded in ``phase`` since the last call (the device must be synchronised)."""
+    seconds = phase.get("opt", 0.0) + sum(a.elapsed_time(b) / 1000 for a, b in phase.get("events", []))
+    phase["opt"], phase["events"] = 0.0, []
+    return seconds
 
 
 def summarize(v: Variant, baseline: Variant | None, peaks: dict) -> dict:
@@ -251,7 +288,8 @@ def summarize(v: Variant, baseline: Variant | None, peaks: dict) -> dict:
         name=v.name, group=v.group, precision=v.precision, items_per_step=v.items, error=v.error,
         times_s=v.times, median_s=med, q1_s=q1, q3_s=q3, items_per_s=v.items / med if v.times else None,
         optimizer_median_s=statistics.median(v.opt_times) if v.opt_times else None,
-        peak_mem_mib=max(v.mem) if v.mem else None, flops=v.flops, **v.info,
+        peak_mem_mib=max(v.mem) if v.mem else None, peak_mem_total_mib=max(v.mem_total) if v.mem_total else None,
+        flops=v.flops, **v.info,
     )  # fmt: skip
     if v.flops and v.times:
         row["tflops"] = v.flops / med / 1e12
@@ -676,7 +714,7 @@ def fmt(x, spec=".2f", none="-"):
 
 def print_table(rows: list[dict], title: str, unit: str, extra: Callable[[dict], str] | None = None) -> None:
     print(f"\n{title}")
-    head = f"{'variant':<52} {'prec':<9} {unit:>10} {'s/run (IQR)':>20} {'opt s':>6} {'x base':>7} {'mem MiB':>8} {'TFLOP/s':>8} {'MFU':>6}"
+    head = f"{'variant':<52} {'prec':<9} {unit:>10} {'s/run (IQR)':>20} {'opt s':>6} {'x base':>7} {'mem MiB':>8} {'tot MiB':>8} {'TFLOP/s':>8} {'MFU':>6}"
     print(head + ("  " + "notes" if extra else ""))
     print("-" * len(head))
     for r in rows:
@@ -687,7 +725,8 @@ def print_table(rows: list[dict], title: str, unit: str, extra: Callable[[dict],
         line = (
             f"{r['name']:<52} {r['precision']:<9} {fmt(r.get('items_per_s'), '.3f'):>10} {spread:>20} "
             f"{fmt(r.get('optimizer_median_s')):>6} {fmt(r.get('speedup_vs_baseline')):>7} "
-            f"{fmt(r.get('peak_mem_mib'), '.0f'):>8} {fmt(r.get('tflops'), '.3g'):>8} {fmt(r.get('mfu'), '.1%'):>6}"
+            f"{fmt(r.get('peak_mem_mib'), '.0f'):>8} {fmt(r.get('peak_mem_total_mib'), '.0f'):>8} "
+            f"{fmt(r.get('tflops'), '.3g'):>8} {fmt(r.get('mfu'), '.1%'):>6}"
         )
         print(line + ("  " + extra(r) if extra else ""))
 
@@ -714,10 +753,13 @@ def main(
     decoder_num_heads: int | None = None,
     feature_size: int | None = None,
     finetune_repeats: int | None = None,
+    finetune_batch: int | None = None,
     sw_repeats: int | None = None,
     sw_measure_size: Any = "auto",
     sw_fast_overlap: float | None = 0.25,
     sw_fast_batch: int | None = None,
+    sw_warmup: int | None = None,
+    roi_size: Any = None,
     checkpoint: str | None = None,
     data_dir: str | None = None,
     data_volumes: int = 2,
@@ -740,7 +782,11 @@ def main(
         decoder_hidden_size=decoder_hidden_size, decoder_num_layers=decoder_num_layers,
         decoder_num_heads=decoder_num_heads, feature_size=feature_size,
     )  # fmt: skip
+    if roi_size is not None:  # e.g. --roi_size 32 for a quick check (tools/gpu_check.sh's dry run)
+        roi = [int(r) for r in np.atleast_1d(roi_size)]
+        overrides["roi_size"] = tuple(roi * PRESETS[preset]["spatial_dims"] if len(roi) == 1 else roi)
     cfg = preset_settings(preset, overrides)
+    setup_run(0, dev)  # the bundles' backend settings: cuDNN autotuning, and on CUDA TF32 for float32
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -752,6 +798,8 @@ def main(
         device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         cpu_model=_cpu_model(), cpu_capability=cpu_capability(), threads=torch.get_num_threads(), torch=torch.__version__,
         python=platform.python_version(), amp_dtype=str(fast) if fast else None, precision=precision_reason,
+        float32_matmul="tf32" if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "float32",
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     )  # fmt: skip
     try:
@@ -787,21 +835,25 @@ def main(
                         "vol/s" if preset != "cxr" else "img/s")  # fmt: skip
         group = None  # the models live in the variants' closures: let them go
         _gc(dev)
+        save(results, out)
     if "finetune" in parts:
-        log(f"fine-tuning step, batch {batch}")
-        group = finetune_variants(cfg, preset, dev, batch, amp, fused, compile, log)
+        ft_batch = finetune_batch or batch
+        log(f"fine-tuning step, batch {ft_batch}")
+        group = finetune_variants(cfg, preset, dev, ft_batch, amp, fused, compile, log)
         interleave(group, dev, warmup, finetune_repeats or (repeats if dev.type == "cuda" else min(repeats, 2)), log)
         results["finetune"] = [summarize(v, group[0], peaks) for v in group]
-        print_table(results["finetune"], f"fine-tuning step, {preset}, batch {batch}", "crops/s")
+        print_table(results["finetune"], f"fine-tuning step, {preset}, batch {ft_batch}", "crops/s")
         del group
         _gc(dev)
+        save(results, out)
     if "sw" in parts and PRESETS[preset]["sw_size"] is not None:
         vs, outputs, ref_name, measure, full = sw_variants(
             cfg, preset, dev, amp, sw_measure_size, sw_fast_overlap, sw_fast_batch, checkpoint, log
         )
         log(f"sliding window: volume {full}, measured on {measure}, roi {cfg['roi_size']}")
         reps = sw_repeats or (repeats if dev.type == "cuda" else max(1, min(repeats, 2)))
-        interleave(vs, dev, 0, reps, log)
+        # CUDA: one untimed pass per variant (cuDNN autotuning, allocator, clocks); on a CPU a pass takes minutes
+        interleave(vs, dev, sw_warmup if sw_warmup is not None else int(dev.type == "cuda"), reps, log)
         rows = []
         ref = outputs.get(ref_name)
         for v in vs:
@@ -830,6 +882,7 @@ def main(
         )  # fmt: skip
         del vs, outputs
         _gc(dev)
+        save(results, out)
     if "data" in parts:
         results["data"] = data_pipeline(preset, data_dir, data_volumes, data_items, log)
         mae_rows = [r for r in results.get("mae", []) if r["name"].startswith("ours") and not r.get("error")]
@@ -843,9 +896,17 @@ def main(
     results["wall_s"] = time.perf_counter() - t_start
     log(f"done in {results['wall_s']:.0f}s")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=1, default=str))
+        save(results, out)
         log(f"wrote {out}")
+
+
+def save(results: dict, out: str | None) -> None:
+    """Write the results so far (after each part too: a run stopped by a time limit keeps the parts it finished)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        tmp.replace(out)
 
 
 def _gc(dev: torch.device) -> None:

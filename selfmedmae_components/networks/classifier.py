@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .vit import ViTEncoder
+from .vit import ViTEncoder, set_activation_checkpointing
 
 
 class ViTClassifier(nn.Module):
@@ -21,6 +21,8 @@ class ViTClassifier(nn.Module):
         hidden_size, num_layers, num_heads, mlp_ratio: the ViT.
         drop_path_rate: stochastic depth, linear over depth up to this value (0.1 in the paper).
         spatial_dims: 2.
+        activation_checkpointing: recompute the transformer blocks' activations in the backward pass
+            (less memory, a second forward of the blocks; :func:`set_activation_checkpointing`).
 
     Example::
 
@@ -40,6 +42,7 @@ class ViTClassifier(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.1,
         spatial_dims: int = 2,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = ViTEncoder(
@@ -49,6 +52,7 @@ class ViTClassifier(nn.Module):
         self.head = nn.Linear(hidden_size, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning recipe: a near-zero head
         nn.init.zeros_(self.head.bias)
+        set_activation_checkpointing(self, activation_checkpointing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.encoder(x)

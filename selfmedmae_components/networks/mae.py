@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .pos_embed import sincos_pos_embed
-from .vit import LAYER_NORM_EPS, TransformerBlock, ViTEncoder, init_vit_weights
+from .vit import LAYER_NORM_EPS, TransformerBlock, ViTEncoder, init_vit_weights, set_activation_checkpointing
 
 
 class MaskedAutoencoder(nn.Module):
@@ -27,6 +27,8 @@ class MaskedAutoencoder(nn.Module):
         decoder_hidden_size, decoder_num_layers, decoder_num_heads: decoder (3D: 384, 8, 12; 2D: 256, 8, 8).
         mask_ratio: fraction of tokens masked when ``forward`` is called without one.
         norm_pix_loss: regress each patch normalised by its own mean and variance (the paper's target).
+        activation_checkpointing: recompute the encoder's and decoder's transformer blocks' activations in the backward pass
+            (less memory, a second forward of the blocks; :func:`set_activation_checkpointing`).
 
     Example::
 
@@ -49,6 +51,7 @@ class MaskedAutoencoder(nn.Module):
         decoder_num_heads: int = 12,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -76,6 +79,7 @@ class MaskedAutoencoder(nn.Module):
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             m.apply(init_vit_weights)
         nn.init.normal_(self.mask_token, std=0.02)
+        set_activation_checkpointing(self, activation_checkpointing)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, *img_size) -> (N, L, P); tokens row-major over the grid, values ordered [p1, (p2,) p3, C]."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
-from .vit import ViTEncoder
+from .vit import ViTEncoder, set_activation_checkpointing
 
 
 class UNETR(nn.Module):
@@ -32,6 +32,8 @@ class UNETR(nn.Module):
         skip_hidden_states: three 0-based indices into the list of block outputs whose entries feed the
             skip connections (default (3, 6, 9), i.e. blocks 4, 7, 10 of 12 as in MONAI and the paper).
         spatial_dims: 3 (2 also works).
+        activation_checkpointing: recompute the transformer blocks' activations in the backward pass
+            (less memory, a second forward of the blocks; :func:`set_activation_checkpointing`).
 
     Example::
 
@@ -56,6 +58,7 @@ class UNETR(nn.Module):
         res_block: bool = True,
         skip_hidden_states: Sequence[int] = (3, 6, 9),
         spatial_dims: int = 3,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if len(skip_hidden_states) != 3 or not all(0 <= i < num_layers for i in skip_hidden_states):
@@ -80,6 +83,7 @@ class UNETR(nn.Module):
         self.decoder3 = UnetrUpBlock(in_channels=f * 4, out_channels=f * 2, upsample_kernel_size=2, **common)
         self.decoder2 = UnetrUpBlock(in_channels=f * 2, out_channels=f, upsample_kernel_size=2, **common)
         self.out = UnetOutBlock(spatial_dims=sd, in_channels=f, out_channels=out_channels)
+        set_activation_checkpointing(self, activation_checkpointing)
 
     def tokens_to_volume(self, x: torch.Tensor) -> torch.Tensor:
         """(N, L, D) -> (N, D, *grid_size)."""

@@ -1,0 +1,374 @@
+"""Host memory and loader speed of each bundle's training data, measured on synthetic cases in the public
+datasets' real geometry and extrapolated to their full size.
+
+    python tools/data_benchmark.py                                        # all bundles, current configs
+    python tools/data_benchmark.py --baseline 32f0b94 --out data.json     # and the bundles of a git commit
+    python tools/data_benchmark.py --bundles btcv_seg --cases 2 --batches 3
+
+For each bundle and training config (pretrain, finetune) the config's own ``train#dataset`` (and
+``validate#dataset``) is built with monai.bundle.ConfigParser on ``--cases`` synthetic cases written in
+the downloaded layout and geometry (``GEOMETRY``), and measured (``--baseline REF``: first the configs and
+code of git commit REF, extracted to a temporary folder and measured there by this tool in a subprocess):
+
+  cache/case   what the CacheDataset holds per case: the bytes of its tensors (storages counted once), and
+               the rise of this process's resident set (VmRSS after caching minus before, over the cases)
+  transient    the working memory of caching one case: the resident-set peak while caching (VmHWM, reset
+               before; one caching thread) above the resident set after it
+  crops/s      per data-loader worker: ``dataset[i]`` for a batch then the loader's collate function, on one
+               thread as PyTorch runs its workers, over ``--batches`` batches (after one untimed batch)
+  batch MB     what a worker sends per batch (the host-to-GPU copy)
+  worker MB    private memory (USS) of each of 2 real loader workers after 2 batches
+
+and extrapolated to the public dataset (``CASES``): the cache at full size (from the bytes held per case;
+the resident-set rise agrees within the allocator's noise, several MB at a few cases), plus per process the
+workers' private memory, the batches in flight (num_workers x prefetch_factor prefetched + 2 being pinned
+or copied) and this process's own resident set before any data (Python, torch, MONAI; a CUDA context adds
+~1-2 GiB, not counted here). While caching, CacheDataset's num_workers threads each add one case's
+transient memory. Under torchrun each rank caches only its partition of the training cases
+(multi_gpu_*.yaml), and the whole validation list.
+
+The crops/s a GPU consumes is estimated from the FLOPs of one training step of the bundle's paper-sized
+network (torch.utils.flop_counter on the meta device) at ``--gpu_tflops`` achieved (default 400 TFLOP/s:
+40 % of an H100 SXM's 989 dense bf16 TFLOP/s): the workers needed are that over the crops/s per worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import fire
+import numpy as np
+import torch
+from monai.data.utils import list_data_collate
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# the downloaded datasets: a typical case's grid (voxels, mm) and the cases each config caches
+GEOMETRY = {
+    "btcv_seg": dict(shape=(512, 512, 147), spacing=(0.76, 0.76, 3.0)),  # BTCV img0001; 85-198 slices of 2.5-5 mm
+    "brats_seg": dict(shape=(240, 240, 155), spacing=(1.0, 1.0, 1.0)),  # MSD Task01, 4 channels
+    "cxr14_cls": dict(shape=(1024, 1024)),  # 8-bit PNG
+}
+CASES = {  # train (pretrain: training + validation lists), validation; the datalists the prepare tools write
+    "btcv_seg": {"pretrain": (18, 0), "finetune": (16, 2)},
+    "brats_seg": {"pretrain": (387, 0), "finetune": (348, 39)},  # 484 labelled, 97 held out for evaluation
+    "cxr14_cls": {"pretrain": (86524, 0), "finetune": (77872, 8652)},  # official train_val, 10 % validation
+}
+HOST_GIB = 16
+
+
+# ------------------------------------------------------------------------------------ synthetic cases
+def write_cases(bundle: str, folder: Path, n: int) -> list[dict]:
+    """``n`` cases in the public dataset's geometry; the synthetic anatomy is scaled to that grid."""
+    from selfmedmae_components.data.synthetic import save_nifti
+
+    rng = np.random.default_rng(0)
+    geo = GEOMETRY[bundle]
+    items = []
+    for i in range(n):
+        if bundle == "cxr14_cls":
+            from PIL import Image
+
+            small = (rng.random((64, 64)) * 255).astype(np.uint8)  # smooth noise: histogram equalisation
+            img = np.asarray(Image.fromarray(small).resize(geo["shape"], Image.BILINEAR))  # needs no anatomy
+            path = folder / f"{i:08d}_000.png"
+            Image.fromarray(img).save(path)
+            items.append({"image": str(path), "label": [float(k == i % 14) for k in range(14)]})
+            continue
+        if bundle == "btcv_seg":
+            from selfmedmae_components.data.btcv import synthetic_ct as make
+        else:
+            from selfmedmae_components.data.msd_brats import synthetic_brain as make
+        image, label, affine = make(rng, geo["shape"])
+        affine[:3, :3] = np.diag(np.sign(np.diag(affine)[:3]) * geo["spacing"])  # the real voxel size
+        paths = {k: folder / f"{k}{i}.nii.gz" for k in ("image", "label")}
+        save_nifti(image, affine, paths["image"])
+        save_nifti(label, affine, paths["label"])
+        items.append({k: str(v) for k, v in paths.items()})
+    return items
+
+
+# ------------------------------------------------------------------------------------ measuring
+def _status_kb(key: str, pid: str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _settle() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the resident set is what is held
+    except OSError:
+        pass
+
+
+def uss_mb(pid: int) -> float:
+    """Private (unshared) memory of a process: what a forked worker adds to the host."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    return sum(int(line.split()[1]) for line in rollup if line.startswith(("Private_Clean", "Private_Dirty"))) / 1024
+
+
+def held_bytes(obj: Any, seen: set) -> int:
+    """Bytes of the tensors and arrays in ``obj`` (dicts, lists), each storage counted once."""
+    if isinstance(obj, dict):
+        return sum(held_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(v, seen) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes if obj.base is None else 0
+    return int(getattr(obj, "nbytes", 0))  # e.g. transforms.indices.PackedIndices
+
+
+def cached_dtypes(item: dict) -> dict:
+    """The cached item's arrays and their dtypes (bit masks of crop centres: "bits")."""
+    return {k: str(getattr(v, "dtype", "bits")).replace("torch.", "") for k, v in item.items()
+            if held_bytes(v, set()) > 2**10}  # fmt: skip
+
+
+def build_cached(parser, key: str) -> tuple[Any, dict]:
+    """Parse and cache ``key`` (a CacheDataset); memory per cached case."""
+    _settle()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status_kb("VmRSS")
+    dataset = parser.get_parsed_content(key)
+    peak = _status_kb("VmHWM")
+    _settle()
+    after, n = _status_kb("VmRSS"), len(dataset)
+    held = held_bytes(dataset._cache, set())
+    return dataset, dict(
+        cases=n, held_mb=held / n / 2**20, rss_mb=(after - before) / n / 1024, transient_mb=(peak - after) / 1024,
+        dtypes=cached_dtypes(dataset._cache[0]),
+    )  # fmt: skip
+
+
+def batch_mb(batch: Any) -> float:
+    return held_bytes(batch, set()) / 2**20
+
+
+def crops_per_s(dataset, collate, batch_size: int, batches: int) -> dict:
+    """One data-loader worker's output: ``batches`` batches on one thread, after an untimed one."""
+    from monai.data.utils import set_rnd
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # PyTorch runs each worker on one thread
+    set_rnd(dataset, 0)
+    n = len(dataset)
+    try:
+        batch = collate([dataset[i % n] for i in range(batch_size)])
+        t, crops = time.perf_counter(), 0
+        for b in range(batches):
+            batch = collate([dataset[(b * batch_size + i) % n] for i in range(batch_size)])
+            crops += len(batch["image"])
+        seconds = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(threads)
+    image = batch["image"]
+    return dict(crops_per_s=crops / seconds, s_per_batch=seconds / batches, batch_mb=batch_mb(batch),
+                image=f"{tuple(image.shape)} {str(image.dtype).replace('torch.', '')}")  # fmt: skip
+
+
+def worker_uss(parser) -> float:
+    """Mean private memory of 2 real loader workers (forked from this process) after 2 batches."""
+    loader = parser.get_parsed_content("train#dataloader")
+    it = iter(loader)
+    for _ in zip(range(2), it):
+        pass
+    mb = float(np.mean([uss_mb(w.pid) for w in it._workers]))
+    it._shutdown_workers()  # persistent workers would live as long as the parser holds the loader
+    _settle()
+    return mb
+
+
+def step_gflops(parser) -> float:
+    """Training FLOPs per crop of the config's network at its paper size (meta device: nothing runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = parser.get_parsed_content("network_def", lazy=False).to("meta")
+    size = parser.get_parsed_content("roi_size") if "roi_size" in parser else parser.get_parsed_content("img_size")
+    size = [int(size)] * 2 if np.ndim(size) == 0 else [int(s) for s in size]
+    x = torch.empty(2, int(parser.get_parsed_content("in_channels")), *size, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = net(x)
+        (out[0] if isinstance(out, tuple) else out.float().mean()).backward()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+# ------------------------------------------------------------------------------------ one config
+def config_parser(bundle: str, config: str, overrides: dict):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / f"{config}.yaml"))
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+def measure(bundle: str, config: str, items: list[dict], batches: int, log) -> dict:
+    from monai.data import set_track_meta
+
+    keys = ["image"] if (bundle == "cxr14_cls" and config == "pretrain") else list(items[0])
+    data = [{k: d[k] for k in keys} for d in items]
+    over = {"train#data": data, "num_workers": 2, "train#dataset#num_workers": 1, "train#dataset#progress": False}
+    if config == "finetune":
+        over.update({"validate#data": data, "validate#dataset#num_workers": 1, "validate#dataset#progress": False})
+    parser = config_parser(bundle, config, over)
+    # as the bundle's `run` does before the data loader starts (cxr14: plain tensors, no MetaTensor)
+    set_track_meta(not any("set_track_meta(False)" in str(x) for x in parser.get("run", [])))
+    dataset, row = build_cached(parser, "train#dataset")
+    batch_size = int(parser.get_parsed_content("train#dataloader#batch_size"))
+    row.update(crops_per_s(dataset, list_data_collate, batch_size, batches))  # MONAI DataLoader's collate_fn
+    parser["train#dataloader#batch_size"] = max(1, min(batch_size, len(dataset) // 4))  # batches left after 2
+    row["worker_uss_mb"] = worker_uss(parser)
+    defaults = config_parser(bundle, config, {})
+    row["num_workers"] = int(defaults.get_parsed_content("num_workers"))
+    row["prefetch_factor"] = defaults.get_parsed_content("train#dataloader#prefetch_factor", default=None) or 2
+    del dataset
+    if config == "finetune":
+        val, vrow = build_cached(parser, "validate#dataset")
+        row["val"] = vrow
+        del val
+    row["gflops_per_crop"] = step_gflops(config_parser(bundle, config, {}))
+    set_track_meta(True)
+    _settle()
+    log(f"  {bundle} {config} ({REPO}): " + json.dumps(
+        {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))  # fmt: skip
+    return row
+
+
+def full_size(bundle: str, config: str, row: dict, base_mb: float, ranks: int = 1) -> dict:
+    """Host memory (GiB) at the public dataset's size, per process with ``ranks`` processes."""
+    train, val = CASES[bundle][config]
+    per_case = row["held_mb"]
+    val_case = row["val"]["held_mb"] if "val" in row else 0.0
+    cache = per_case * math.ceil(train / ranks) + val_case * val
+    workers = row["num_workers"] * row["worker_uss_mb"]
+    in_flight = (row["num_workers"] * row.get("prefetch_factor", 2) + 2) * row["batch_mb"]
+    caching = base_mb + cache + row["num_workers"] * row["transient_mb"]  # num_workers caching threads
+    total = base_mb + cache + workers + in_flight
+    return dict(cache_gb=cache / 1024, workers_gb=workers / 1024, in_flight_gb=in_flight / 1024,
+                caching_peak_gb=caching / 1024, total_gb=total / 1024)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ report
+def report(results: dict, base_mb: float, gpu_tflops: float) -> str:
+    lines = [
+        f"Host memory at full dataset size (GiB; process without data {base_mb / 1024:.2f} GiB included, CUDA context not):",
+        "",
+        "| bundle | config | configs | cached dtypes | cache MB/case (RSS) | transient MB | train + val cases "
+        "| cache GiB | workers GiB | in flight GiB | caching peak GiB | training GiB, 1 GPU | per rank, 8 GPUs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    speed = [
+        f"Loader speed per worker (one thread) and the GPU's need at {gpu_tflops:.0f} TFLOP/s achieved:",
+        "",
+        "| bundle | config | configs | batch to GPU | MB/batch | crops/s per worker | GFLOP/crop | GPU needs crops/s "
+        "| workers needed | num_workers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (bundle, config, label), row in results.items():
+        one, eight = full_size(bundle, config, row, base_mb), full_size(bundle, config, row, base_mb, ranks=8)
+        train, val = CASES[bundle][config]
+        dtypes = ", ".join(f"{k} {v}" for k, v in row["dtypes"].items())
+        fits = "" if max(one["total_gb"], one["caching_peak_gb"]) <= HOST_GIB else f" (over {HOST_GIB})"
+        lines.append(
+            f"| {bundle} | {config} | {label} | {dtypes} | {row['held_mb']:.2f} ({row['rss_mb']:.2f}) "
+            f"| {row['transient_mb']:.0f} | {train} + {val} | {one['cache_gb']:.1f} | {one['workers_gb']:.2f} "
+            f"| {one['in_flight_gb']:.2f} | {one['caching_peak_gb']:.1f} | **{one['total_gb']:.1f}**{fits} "
+            f"| {eight['total_gb']:.1f} |"
+        )
+        need = gpu_tflops * 1e3 / row["gflops_per_crop"]
+        speed.append(
+            f"| {bundle} | {config} | {label} | {row['image']} | {row['batch_mb']:.0f} | {row['crops_per_s']:.0f} "
+            f"| {row['gflops_per_crop']:.0f} | {need:.0f} | {math.ceil(need / row['crops_per_s'])} | {row['num_workers']} |"
+        )
+    return "\n".join(lines + [""] + speed)
+
+
+def measure_commit(ref: str, bundles: list, configs: list, cases: int | None, batches: int) -> dict:
+    """The rows of git commit ``ref``: its tree extracted (git archive) and measured there by this tool."""
+    with tempfile.TemporaryDirectory() as tree:
+        archive = subprocess.run(["git", "archive", ref], cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        out = Path(tree) / "rows.json"
+        cmd = [sys.executable, __file__, "--repo", tree, "--bundles", ",".join(bundles), "--configs", ",".join(configs),
+               "--batches", str(batches), "--out", str(out)] + (["--cases", str(cases)] if cases else [])  # fmt: skip
+        subprocess.run(cmd, check=True)
+        rows = json.loads(out.read_text())["rows"]
+    return {(*key.split()[:2], f"@{ref}"): row for key, row in rows.items()}
+
+
+def main(
+    bundles: str | tuple | list = "btcv_seg,brats_seg,cxr14_cls",
+    configs: str | tuple | list = "pretrain,finetune",
+    cases: int | None = None,
+    batches: int = 5,
+    baseline: str | None = None,
+    gpu_tflops: float = 400.0,
+    out: str | None = None,
+    repo: str | None = None,
+) -> None:
+    """See the module docstring. ``--cases`` defaults to 3 volumes (btcv, brats) or 500 images (cxr14);
+    ``--repo`` measures another checkout's bundles and components (``--baseline`` uses it)."""
+    global REPO
+    if repo:  # its selfmedmae_components first on the path: nothing of it is imported yet
+        REPO = Path(repo).resolve()
+        sys.path.insert(0, str(REPO))
+    import selfmedmae_components
+
+    if not Path(selfmedmae_components.__file__).resolve().is_relative_to(REPO):
+        raise RuntimeError(f"selfmedmae_components imported from {selfmedmae_components.__file__}, not {REPO}")
+    bundles = bundles.split(",") if isinstance(bundles, str) else list(bundles)
+    configs = configs.split(",") if isinstance(configs, str) else list(configs)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    _settle()
+    base_mb = _status_kb("VmRSS") / 1024  # Python, torch, MONAI and this tool, before any data
+    results: dict = measure_commit(baseline, bundles, configs, cases, batches) if baseline else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for bundle in bundles:
+            folder = tmp / bundle
+            folder.mkdir()
+            n = cases or (500 if bundle == "cxr14_cls" else 3)
+            items = write_cases(bundle, folder, n)
+            log(f"{bundle}: wrote {n} synthetic cases of {GEOMETRY[bundle]}")
+            # untimed warm-up: the first case loads readers and libraries, which would count as cache
+            build_cached(config_parser(bundle, configs[0], {"train#data": items[:1], "train#dataset#progress": False}), "train#dataset")
+            for config in configs:
+                results[(bundle, config, "now")] = measure(bundle, config, items, batches, log)
+    results = dict(sorted(results.items(), key=lambda kv: (bundles.index(kv[0][0]), configs.index(kv[0][1]), kv[0][2] == "now")))
+    table = report(results, base_mb, gpu_tflops)
+    print("\n" + table)
+    if out:
+        Path(out).write_text(json.dumps({"base_mb": base_mb, "gpu_tflops": gpu_tflops, "table": table,
+                                         "rows": {" ".join(k): v for k, v in results.items()}}, indent=1))  # fmt: skip
+        log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
