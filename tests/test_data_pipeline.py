@@ -34,12 +34,7 @@ SMALL = {  # small crops of small volumes: the pipelines' logic, not their size
 FP16_UNIT = 2.0**-11  # float16 keeps 11 significant bits: relative rounding at most 2^-11 (2^-12 on [0.5, 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

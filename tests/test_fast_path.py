@@ -32,13 +32,7 @@ LOSS_RTOL = 1e-3
 PRED_RTOL = 3e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster than two, and far steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_mae(mask_ratio: float = 0.75) -> MaskedAutoencoder:
