@@ -15,7 +15,7 @@ BUNDLES = ("btcv_seg", "brats_seg", "cxr14_cls")
 ORIGINAL = {
     "btcv_seg": {"pretrain": {"mae_crops": "label", "weight_decay_tokens": True}, "finetune": {"validation_mode": "none"}},
     "brats_seg": {"pretrain": {"mae_crops": "label", "weight_decay_tokens": True},
-                  "finetune": {"validation_mode": "none", "et_mapping": "original"}},  # fmt: skip
+                  "finetune": {"validation_mode": "none", "et_mapping": "original", "seg_loss": "dice"}},  # fmt: skip
     "cxr14_cls": {"pretrain": {"weight_decay_tokens": True, "pixel_mean": [0.5] * 3, "pixel_std": [0.225] * 3},
                   "finetune": {"validation_mode": "none", "pixel_mean": [0.5] * 3, "pixel_std": [0.225] * 3}},  # fmt: skip
 }
