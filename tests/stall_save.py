@@ -1,10 +1,11 @@
-"""Fault injection for the kill-during-write test: run a module (``python -m``) with its N-th ``torch.save``
-stopped half-way through the file.
+"""Fault injection for the kill tests: run a module (``python -m``) with its N-th ``torch.save`` stopped.
 
     python tests/stall_save.py N MARKER monai.bundle run pretrain --config_file ...
+    python tests/stall_save.py N:before MARKER monai.bundle run ...
 
-The N-th save writes the first half of its bytes to the real target, writes the target's name to MARKER
-and sleeps, so that the test can SIGKILL the process while a checkpoint is being written.
+The N-th save writes the first half of its bytes to the real target (``N:before``: nothing), writes the
+target's name to MARKER and sleeps, so that the test can SIGKILL the process at a known point however fast
+the machine trains: mid-write, or between two complete checkpoints.
 """
 
 import io
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-stall_at, marker, module = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+stall_spec, marker, module = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+stall_at, before = int(stall_spec.split(":")[0]), stall_spec.endswith(":before")
 sys.argv = [module] + sys.argv[4:]
 real_save = torch.save
 calls = 0
@@ -26,6 +28,9 @@ def stalling_save(obj, f, *args, **kwargs):
     calls += 1
     if calls != stall_at:
         return real_save(obj, f, *args, **kwargs)
+    if before:
+        marker.write_text(str(f))
+        time.sleep(600)
     data = io.BytesIO()
     real_save(obj, data, *args, **kwargs)
     with open(f, "wb") if isinstance(f, (str, Path)) else f as out:  # a path or an open file

@@ -69,19 +69,22 @@ def test_kill_and_resume_reaches_the_uninterrupted_result(dataset, straight, tmp
     cfg = configs("btcv_seg", "pretrain", "demo")
     common = dict(dataset_dir=dataset, **KILL_RUN)
 
-    crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable] + bundle_cmd("pretrain", cfg, bundle_root=crashed, **common), cwd=REPO,
+    # stopped just before the 4th checkpoint write (tests/stall_save.py), so the kill lands between two complete
+    # checkpoints however fast the machine trains (polling for a file raced with its n_saved=1 removal)
+    crashed, marker = tmp_path / "crashed", tmp_path / "before_epoch_4"
+    cmd = [sys.executable, str(REPO / "tests" / "stall_save.py"), "4:before", str(marker)]
+    proc = subprocess.Popen(cmd + bundle_cmd("pretrain", cfg, bundle_root=crashed, **common)[1:], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
-        while not (crashed / "models" / "mae_checkpoint_epoch=3.pt").exists():
-            assert proc.poll() is None and time.time() < deadline, "training ended before writing epoch 3"
-            time.sleep(0.2)
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before its fourth checkpoint"
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     killed_at = max(int(p.stem.split("=")[-1]) for p in (crashed / "models").glob("mae_checkpoint_epoch=*.pt"))
-    assert killed_at < 6 and not (crashed / "models" / "mae_pretrain.pt").exists()
+    assert killed_at == 3 and not (crashed / "models" / "mae_pretrain.pt").exists()
     assert_loadable(crashed / "models")
     saved = torch.load(crashed / "models" / f"mae_checkpoint_epoch={killed_at}.pt", weights_only=True)
     # 18 volumes, batch 2: 9 iterations per epoch; the AdamW moments are saved too
