@@ -56,7 +56,7 @@ class ReplaceThenRemoveDiskSaver(DiskSaver):
         self._to_remove.append(self.filename or filename)
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        # hidden, beside the target (as data.common.write_text_atomic): .<name>.<random>.tmp
+        # hidden, beside the target (as io.write_text_atomic): .<name>.<random>.tmp
         fd, tmp = tempfile.mkstemp(dir=self.dirname, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:

@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import ROCAUCMetric, compute_roc_auc
 
-from .data.common import write_json_atomic, write_text_atomic
+from .io import write_json_atomic, write_text_atomic
 
 __all__ = [
     "ABSENT",

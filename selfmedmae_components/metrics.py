@@ -22,7 +22,7 @@ from monai.handlers import IgniteMetricHandler
 from monai.metrics import HausdorffDistanceMetric
 from monai.utils import optional_import
 
-from .data.common import write_json_atomic, write_text_atomic
+from .io import write_json_atomic, write_text_atomic
 
 HAS_CUCIM = optional_import("cucim")[1]  # MONAI's distance transform runs on the GPU with it
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DatasetError, progress, write_json_atomic
+from ..io import write_json_atomic
+from .common import DatasetError, progress
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 from .synthetic import blob, capsule, grids, save_nifti, smooth_field
 

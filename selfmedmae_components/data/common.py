@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 from ..errors import UserError
+from ..io import write_json_atomic, write_text_atomic  # noqa: F401 - their home is io.py; importable here as before
 
 
 class DatasetError(UserError, ValueError):
@@ -49,27 +49,6 @@ def progress(
 def _clock(seconds: float) -> str:
     minutes, sec = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}" if minutes >= 60 else f"{minutes}:{sec:02d}"
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash never leaves a
-    truncated file behind (line ends as given)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically (:func:`write_text_atomic`)."""
-    return write_text_atomic(json.dumps(data, indent=2) + "\n", path)
 
 
 def load_datalist(datalist_file: str | os.PathLike, keys: str | list[str], base_dir: str | os.PathLike) -> list[dict]:

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .common import DatasetError, progress, write_json_atomic
+from ..io import write_json_atomic
+from .common import DatasetError, progress
 
 __all__ = ["CLASSES", "parse_findings", "split_by_patient", "prepare_datalist", "make_demo"]
 

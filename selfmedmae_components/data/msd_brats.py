@@ -23,7 +23,8 @@ import numpy as np
 
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 from .synthetic import blob, save_nifti, smooth_field
-from .common import DatasetError, progress, write_json_atomic
+from ..io import write_json_atomic
+from .common import DatasetError, progress
 
 MSD_LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}
 MODALITIES = ("FLAIR", "T1w", "T1gd", "T2w")
