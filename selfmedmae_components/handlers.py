@@ -18,12 +18,9 @@ from PIL import Image
 
 from .checkpointing import AtomicCheckpointSaver, attach_resume  # noqa: F401  (the configs name them here)
 from .data.common import write_text_atomic
+from .wrappers import unwrap
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") else network
 
 
 def _first(output: Any) -> Any:
@@ -98,7 +95,7 @@ class ReconstructionImageHandler:
         if not isinstance(out, dict) or "mask" not in out:
             return
         with torch.no_grad():
-            panel = reconstruction_panel(_unwrap(engine.network), out[CommonKeys.IMAGE], out[CommonKeys.PRED], out["mask"])
+            panel = reconstruction_panel(unwrap(engine.network), out[CommonKeys.IMAGE], out[CommonKeys.PRED], out["mask"])
         epoch = engine.state.epoch
         if self.writer is not None:
             self.writer.add_image("mae/reconstruction", panel[None], epoch)

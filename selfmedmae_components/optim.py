@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .wrappers import unwrap
+
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
@@ -64,7 +66,7 @@ def param_groups_layer_decay(
     (0-based) ``0.75^(12 - b)``, the final norm, head and decoder ``1.0`` (ViT-B, decay 0.75).
     Each group carries its ``lr_scale``; schedulers multiply the group's initial lr.
     """
-    module = model.module if hasattr(model, "module") else model
+    module = unwrap(model)
     num_layers = len(module.encoder.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():

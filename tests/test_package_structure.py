@@ -7,6 +7,7 @@ what stops being clear. The graph is read from the source with ``ast``, so nothi
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = "selfmedmae_components"
@@ -105,3 +106,9 @@ def test_package_has_no_import_cycle():
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
+
+def test_one_unwrap_helper():
+    """DDP / compiled wrappers are unwrapped by ``wrappers.unwrap`` only, not by copies of it."""
+    copy = re.compile(r"hasattr\(\w+, [\"']module[\"']\)")
+    files = [*ROOT.rglob("*.py"), *(ROOT.parent / "tools").glob("*.py")]
+    assert [str(p) for p in files if copy.search(p.read_text())] == []
