@@ -22,7 +22,7 @@ from bundle_runner import REPO
 from selfmedmae_components.data.btcv import synthetic_ct
 from selfmedmae_components.data.loader import EpochSeededDataLoader
 from selfmedmae_components.data.msd_brats import synthetic_brain
-from selfmedmae_components.data.synthetic import save_nifti
+from selfmedmae_components.data.demo.shapes import save_nifti
 from selfmedmae_components.transforms.cxr import IMAGENET_MEAN, IMAGENET_STD, PrepareChestXRayBatch
 from selfmedmae_components.transforms.indices import PackedIndices
 

@@ -632,7 +632,7 @@ def label_agreement(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> 
 
 # ----------------------------------------------------------------------------- 4. data pipeline
 def write_synthetic_data(preset: str, folder: Path, n: int) -> list[dict]:
-    from selfmedmae_components.data.btcv import save_nifti
+    from selfmedmae_components.data.demo.shapes import save_nifti
 
     rng = np.random.default_rng(0)
     items = []

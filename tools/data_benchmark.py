@@ -71,7 +71,7 @@ HOST_GIB = 16
 # ------------------------------------------------------------------------------------ synthetic cases
 def write_cases(bundle: str, folder: Path, n: int) -> list[dict]:
     """``n`` cases in the public dataset's geometry; the synthetic anatomy is scaled to that grid."""
-    from selfmedmae_components.data.synthetic import save_nifti
+    from selfmedmae_components.data.demo.shapes import save_nifti
 
     rng = np.random.default_rng(0)
     geo = GEOMETRY[bundle]
