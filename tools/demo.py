@@ -1,13 +1,14 @@
 """The end-to-end demo on generated data, through the same commands a user runs on a download:
 
-    make demo data (download layout) -> tools/prepare_*.py -> pretrain -> finetune -> evaluate -> inference
+    make demo data (download layout) -> tools/prepare.py -> pretrain -> finetune -> evaluate -> inference
 
-    python tools/demo.py                 # every bundle listed in DEMOS (btcv_seg, brats_seg, cxr14_cls)
-    python tools/demo.py --bundles btcv_seg --workdir demo_runs
+    python tools/demo.py                 # every bundle of the registry (btcv_seg, brats_seg, cxr14_cls)
+    python tools/demo.py --bundles btcv_seg --workdir demo_runs     # (or the dataset's name: btcv)
     python tools/demo.py --amp False     # float32, as on a CPU without native bf16 (default: the configs' amp)
 
 Each bundle runs with its configs/demo.yaml preset layered on the real configs (a small ViT on
-small crops, so that it fits a few minutes on 2 CPU cores); the epoch counts are set below.
+small crops, so that it fits a few minutes on 2 CPU cores); the epoch counts, the generator's options
+and the folders are the entry's ``demo_run`` in selfmedmae_components/registry.py.
 The console shows each training stage's epoch, loss and an estimated time left (read from the stage's
 log, where MONAI's StatsHandler writes every iteration); the full log stays in <workdir>/<bundle>/demo.log.
 """
@@ -24,23 +25,12 @@ from pathlib import Path
 
 import fire
 
-from selfmedmae_components.bundle_utils import as_bool
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-# per bundle: demo data kind and generator options, the folder the prepare tool reads, epochs of the two
-# training stages, the folder inference reads, extra environment
-DEMOS = {
-    "btcv_seg": {"data": "btcv", "dataset": "", "prepare": "prepare_btcv.py", "pretrain_epochs": 40, "finetune_epochs": 30,
-                 "val_interval": 10, "input": "RawData/Testing/img"},
-    "brats_seg": {"data": "brats", "dataset": "Task01_BrainTumour", "prepare": "prepare_msd_brats.py", "pretrain_epochs": 20,
-                  "finetune_epochs": 20, "val_interval": 5, "input": "imagesTs"},
-    # the tiny 2D ViT runs many small operations: one thread per process is faster than two (docs/README.md)
-    "cxr14_cls": {"data": "cxr14", "make_args": ["--num_images", "1200", "--image_size", "128"], "dataset": "",
-                  "prepare": "prepare_cxr14.py", "pretrain_epochs": 15, "finetune_epochs": 40, "val_interval": 5,
-                  "input": "images", "env": {"OMP_NUM_THREADS": "1"}},
-}
-
+from selfmedmae_components import registry  # noqa: E402
+from selfmedmae_components.bundle_utils import as_bool  # noqa: E402
 
 # MONAI StatsHandler's iteration line, e.g. "Epoch: 3/40, Iter: 5/10 -- train_loss: 0.8123 ", and the
 # progress bar of MONAI's CacheDataset (tqdm), e.g. "Loading dataset:  45%|####5     | 9/20 [00:01<00:02]"
@@ -150,26 +140,27 @@ def _run(cmd: list[str], log: Path, env: dict | None = None, label: str = "") ->
 
 def stages(bundle: str, workdir: Path, amp: bool | str | None = None) -> list[tuple[str, list[str], dict]]:
     """The demo's commands for ``bundle``, in order, as (label, command, extra environment)."""
-    spec = DEMOS[bundle]
-    data_root, out, py = workdir / "data" / spec["data"], workdir / bundle, sys.executable
-    dataset_dir = data_root / spec["dataset"]
+    entry = registry.get(bundle)
+    spec, bundle = entry.demo_run, entry.bundle
+    data_root, out, py = workdir / "data" / entry.name, workdir / bundle, sys.executable
+    dataset_dir = data_root / spec.dataset
     # the caching progress bar (tqdm) goes to the log file: an update a second, not ten
-    env = {"TQDM_MININTERVAL": "1", **spec.get("env", {})}
+    env = {"TQDM_MININTERVAL": "1", **spec.env}
     cfg = lambda name: str([f"bundles/{bundle}/configs/{name}.yaml", f"bundles/{bundle}/configs/demo.yaml"])
     common = ["--dataset_dir", str(dataset_dir), "--bundle_root", str(out)]
     # every stage's config has the `amp` switch; "False"/"True", as fire (MONAI's CLI) reads those as bools
     amp_arg = [] if amp is None else ["--amp", str(as_bool(amp))]
     bundle_run = [py, "-m", "monai.bundle", "run"]
     return [
-        ("data", [py, "tools/make_demo_data.py", spec["data"], str(data_root), *spec.get("make_args", [])], {}),
-        ("prepare", [py, f"tools/{spec['prepare']}", str(dataset_dir)], {}),
+        ("data", [py, "tools/make_demo_data.py", entry.name, str(data_root), *spec.make_args], {}),
+        ("prepare", [py, "tools/prepare.py", entry.name, str(dataset_dir)], {}),
         ("pretrain", bundle_run + ["pretrain", "--config_file", cfg("pretrain"), *common, *amp_arg,
-                                   "--max_epochs", str(spec["pretrain_epochs"])], env),
+                                   "--max_epochs", str(spec.pretrain_epochs)], env),
         ("finetune", bundle_run + ["finetune", "--config_file", cfg("finetune"), *common, *amp_arg,
-                                   "--max_epochs", str(spec["finetune_epochs"]), "--val_interval", str(spec["val_interval"])], env),
+                                   "--max_epochs", str(spec.finetune_epochs), "--val_interval", str(spec.val_interval)], env),
         ("evaluate", bundle_run + ["evaluate", "--config_file", cfg("evaluate"), *common, *amp_arg], env),
         ("inference", bundle_run + ["inference", "--config_file", cfg("inference"), "--bundle_root", str(out), *amp_arg,
-                                    "--input_dir", str(dataset_dir / spec["input"])], env),
+                                    "--input_dir", str(dataset_dir / spec.input)], env),
     ]  # fmt: skip
 
 
@@ -192,13 +183,15 @@ def run_demo(bundle: str, workdir: Path, amp: bool | str | None = None) -> None:
     print(f"TensorBoard:          tensorboard --logdir {out / 'logs'}")
 
 
-def main(bundles: str | tuple = tuple(DEMOS), workdir: str = "demo_runs", amp: bool | str | None = None) -> None:
-    """Run the demo for the given bundles (comma-separated or a list) into ``workdir``; ``amp`` overrides
-    the configs' mixed-precision switch (``--amp False``: float32 throughout)."""
+def main(bundles: str | tuple = tuple(d.bundle for d in registry.DATASETS), workdir: str = "demo_runs",
+         amp: bool | str | None = None) -> None:  # fmt: skip
+    """Run the demo for the given bundles (comma-separated or a list; bundle folders or dataset names) into
+    ``workdir``; ``amp`` overrides the configs' mixed-precision switch (``--amp False``: float32 throughout)."""
     names = bundles.split(",") if isinstance(bundles, str) else list(bundles)
-    unknown = [b for b in names if b not in DEMOS]
+    unknown = [b for b in names if registry.find(b) is None]
     if unknown:
-        sys.exit(f"unknown bundle(s) {unknown}; choose from {sorted(DEMOS)}")
+        sys.exit(f"unknown bundle(s) {unknown}; choose from {[d.bundle for d in registry.DATASETS]}")
+    names = [registry.get(b).bundle for b in names]
     start = time.time()
     for bundle in names:
         run_demo(bundle, (REPO / workdir).resolve(), amp)

@@ -1,12 +1,11 @@
-"""Check a downloaded BTCV and write its datalist with the paper's split.
+"""Check a downloaded BTCV and write its datalist with the paper's split (``tools/prepare.py btcv``).
 
     python tools/prepare_btcv.py /data/btcv [--output PATH] [--num_val_cases 2] [--seed 0] [--check_files False]
 """
 
-import fire
+import sys
 
-from selfmedmae_components.data.btcv import prepare_datalist
+from prepare import main  # tools/prepare.py: the registry's prepare function for the dataset
 
 if __name__ == "__main__":
-    # a DatasetError ends the tool with "error: <message>" (selfmedmae_components.errors, as the bundles do)
-    fire.Fire(prepare_datalist, serialize=lambda _: None)  # the summary line is enough
+    main(["btcv", *sys.argv[1:]], tool="tools/prepare_btcv.py")

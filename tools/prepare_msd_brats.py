@@ -1,13 +1,13 @@
-"""Check a downloaded MSD Task01_BrainTumour and write its datalist with a saved seeded split.
+"""Check a downloaded MSD Task01_BrainTumour and write its datalist with a saved seeded split
+(``tools/prepare.py brats``).
 
     python tools/prepare_msd_brats.py /data/Task01_BrainTumour [--output PATH] [--eval_fraction 0.2]
         [--num_val_cases N] [--seed 12345] [--check_files False]
 """
 
-import fire
+import sys
 
-from selfmedmae_components.data.msd_brats import prepare_datalist
+from prepare import main  # tools/prepare.py: the registry's prepare function for the dataset
 
 if __name__ == "__main__":
-    # a DatasetError ends the tool with "error: <message>" (selfmedmae_components.errors, as the bundles do)
-    fire.Fire(prepare_datalist, serialize=lambda _: None)  # the summary line is enough
+    main(["brats", *sys.argv[1:]], tool="tools/prepare_msd_brats.py")

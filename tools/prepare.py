@@ -1,0 +1,48 @@
+"""Check a downloaded dataset and write its datalist (``<folder>/datalist.json``), for any dataset of the registry.
+
+    python tools/prepare.py btcv  /data/btcv [--output PATH] [--num_val_cases 2] [--seed 0] [--check_files False]
+    python tools/prepare.py brats /data/Task01_BrainTumour [--eval_fraction 0.2] [--num_val_cases N] [--seed 12345]
+    python tools/prepare.py cxr14 /data/cxr14 [--val_fraction 0.1] [--seed 0] [--check_images False]
+    python tools/prepare.py btcv --help                  # every option of one dataset
+
+The dataset may be named by its registry name, its bundle folder or an older alias (msd_brats, cxr);
+selfmedmae_components/registry.py says which function prepares it. tools/prepare_btcv.py,
+prepare_msd_brats.py and prepare_cxr14.py are this tool with the dataset filled in.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from selfmedmae_components import registry  # noqa: E402
+
+
+def usage() -> str:
+    lines = ["usage: python tools/prepare.py DATASET FOLDER [options]   (DATASET --help: all its options)", ""]
+    for d in registry.DATASETS:
+        lines.append(f"  {d.name:<6} {d.title}; also {', '.join(d.names[1:])}")
+        lines.append(f"         python tools/prepare.py {d.name} {d.prepare_usage}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, tool: str = "tools/prepare.py") -> None:
+    """Dispatch ``DATASET [FOLDER] [options]`` to the dataset's prepare function (fire reads the options)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    entry = registry.get(argv[0])  # an unknown name ends with "error: unknown dataset ..." (errors.py)
+    # a DatasetError ends the tool with "error: <message>" (selfmedmae_components.errors, as the bundles do);
+    # the function prints its own summary: fire must not print the datalist (112k items for cxr14)
+    fire.Fire(entry.prepare_function(), command=argv[1:], name=f"{tool} {entry.name}", serialize=lambda _: None)
+
+
+if __name__ == "__main__":
+    main()
