@@ -1,18 +1,33 @@
-"""Optimiser parameter groups: weight-decay exclusions and layer-wise learning-rate decay."""
+"""Optimiser parameter groups: weight-decay exclusions and layer-wise learning-rate decay.
+
+Which parameters are tables and tokens, and which encoder block a parameter belongs to, the networks say
+themselves (``no_weight_decay`` and ``ViTEncoder.layer_id``, as in timm and MAE); nothing here spells
+their names except ``ENCODER_PREFIX``, the attribute under which every network of this project holds its ViT.
+"""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
+from .networks.vit import ENCODER_PREFIX, ViTEncoder
 from .wrappers import unwrap
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+
+def no_weight_decay_names(model: nn.Module, decay_tokens: bool = False) -> set[str]:
+    """Full names of the parameters that ``model``'s modules exempt from weight decay through their
+    ``no_weight_decay()`` hook (position tables and learned tokens; with ``decay_tokens`` the tables only)."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if callable(hook):
+            own = hook(tokens=False) if decay_tokens else hook()
+            names |= {f"{prefix}.{n}" if prefix else n for n in own}
+    return names
 
 
-def _no_weight_decay(name: str, param, decay_tokens: bool = False) -> bool:
-    # biases, LayerNorm/InstanceNorm weights and (unless decay_tokens) the learned tokens are not decayed
-    exempt = NO_DECAY_NAMES if not decay_tokens else ("pos_embed",)
-    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in exempt
+def _no_weight_decay(name: str, param, exempt: set[str]) -> bool:
+    # biases, LayerNorm/InstanceNorm weights and the parameters the networks name are not decayed
+    return param.ndim <= 1 or name.endswith(".bias") or name in exempt
 
 
 def effective_lr(base_lr: float, batch_size: int) -> float:
@@ -37,23 +52,25 @@ def param_groups_weight_decay(model: nn.Module, lr: float, weight_decay: float =
     own code and our default exempt them.
     """
     decay, no_decay = [], []
+    exempt = no_weight_decay_names(model, decay_tokens)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_weight_decay(name, p, decay_tokens) else decay).append(p)
+            (no_decay if _no_weight_decay(name, p, exempt) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lr": lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": lr},
     ]
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """0 for the embedding (patch embedding, cls, position), b + 1 for encoder block b, and
-    num_layers + 1 for everything after the blocks (final norm, head, UNETR decoder)."""
-    name = name.removeprefix("module.")
-    if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed")):
-        return 0
-    if name.startswith("encoder.blocks."):
-        return int(name.split(".")[2]) + 1
+def layer_id(name: str, num_layers: int, encoder: ViTEncoder | type[ViTEncoder] = ViTEncoder) -> int:
+    """The layer of a network's parameter ``name``: the encoder's :meth:`ViTEncoder.layer_id` (0 for the
+    embedding, b + 1 for block b, num_layers + 1 for the final norm) under ``encoder.``, and num_layers + 1
+    for everything outside the encoder (head, UNETR decoder). Wrapper prefixes (DDP's ``module.``,
+    torch.compile's ``_orig_mod.``) are ignored."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    if name.startswith(ENCODER_PREFIX):
+        return encoder.layer_id(name.removeprefix(ENCODER_PREFIX), num_layers)
     return num_layers + 1
 
 
@@ -66,13 +83,14 @@ def param_groups_layer_decay(
     (0-based) ``0.75^(12 - b)``, the final norm, head and decoder ``1.0`` (ViT-B, decay 0.75).
     Each group carries its ``lr_scale``; schedulers multiply the group's initial lr.
     """
-    module = unwrap(model)
-    num_layers = len(module.encoder.blocks)
+    encoder = unwrap(model).encoder
+    num_layers = len(encoder.blocks)
+    exempt = no_weight_decay_names(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lid, no_wd = layer_id(name, num_layers), _no_weight_decay(name, p)
+        lid, no_wd = layer_id(name, num_layers, encoder), _no_weight_decay(name, p, exempt)
         if (lid, no_wd) not in groups:
             scale = layer_decay ** (num_layers + 1 - lid)
             groups[(lid, no_wd)] = {

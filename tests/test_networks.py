@@ -185,3 +185,19 @@ def test_unetr_skips_are_the_outputs_of_blocks_4_7_10():
         unetr(torch.randn(1, 1, 32, 32, 32))
     for name, block_number in (("encoder2", 4), ("encoder3", 7), ("encoder4", 10)):
         assert torch.equal(skip_in[name], unetr.tokens_to_volume(block_out[block_number])), name
+
+
+def test_encoder_naming_contract_covers_every_tensor():
+    """optim.py and the ImageNet loader read the encoder's names through its hooks only: every tensor has a
+    timm name and a layer, and the tables and tokens without weight decay are real parameters."""
+    enc = ViTEncoder(1, 32, 16, 3, hidden_size=48, num_layers=3, num_heads=4)
+    names = list(enc.state_dict())
+    assert enc.timm_name("blocks.2.attn.out_proj.weight") == "blocks.2.attn.proj.weight"
+    assert enc.timm_name("patch_embed.bias") == "patch_embed.proj.bias" and enc.timm_name("norm.weight") == "norm.weight"
+    assert len({enc.timm_name(n) for n in names}) == len(names)
+    layers = {n: enc.layer_id(n, 3) for n in names}
+    assert layers["patch_embed.weight"] == layers["cls_token"] == layers["pos_embed"] == 0
+    assert layers["blocks.0.mlp.linear1.weight"] == 1 and layers["blocks.2.norm2.bias"] == 3 and layers["norm.weight"] == 4
+    assert enc.no_weight_decay() <= set(names) and enc.no_weight_decay(tokens=False) == {"pos_embed"}
+    mae = tiny_mae()
+    assert mae.no_weight_decay() <= set(mae.state_dict()) and "mask_token" in mae.no_weight_decay()

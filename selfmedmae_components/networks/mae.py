@@ -81,6 +81,11 @@ class MaskedAutoencoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         set_activation_checkpointing(self, activation_checkpointing)
 
+    def no_weight_decay(self, tokens: bool = True) -> set[str]:
+        """The decoder's parameters without weight decay besides biases and norm weights (the encoder names
+        its own: :meth:`ViTEncoder.no_weight_decay`): its position table and, with ``tokens``, the mask token."""
+        return {"decoder_pos_embed", "mask_token"} if tokens else {"decoder_pos_embed"}
+
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, *img_size) -> (N, L, P); tokens row-major over the grid, values ordered [p1, (p2,) p3, C]."""
         nd = len(self.grid_size)

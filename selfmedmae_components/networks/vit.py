@@ -21,6 +21,9 @@ from ..bundle_utils import as_bool
 from .pos_embed import sincos_pos_embed
 
 LAYER_NORM_EPS = 1e-6
+# UNETR, ViTClassifier and MaskedAutoencoder hold their ViTEncoder as `encoder`: the prefix of its tensors in
+# their state dicts, which the MAE -> fine-tuning transfer and the optimiser groups rely on
+ENCODER_PREFIX = "encoder."
 
 
 class SelfAttention(SABlock):
@@ -118,7 +121,20 @@ class ViTEncoder(nn.Module):
 
         enc = ViTEncoder(in_channels=1, img_size=96, spatial_dims=3)
         tokens, hidden = enc(torch.randn(2, 1, 96, 96, 96))  # (2, 217, 768), 12 x (2, 216, 768)
+
+    Naming contract: code outside this class reads the encoder's parameter names only through the hooks
+    below, as timm's and MAE's ViTs offer them: :meth:`no_weight_decay` (the optimiser's weight-decay
+    exclusions), :meth:`layer_id` (layer-wise learning-rate decay) and :meth:`timm_name` (ImageNet ViT
+    checkpoints, ``weights/imagenet.py``). Inside a block the names are MONAI's (``attn.qkv``,
+    ``attn.out_proj``, ``mlp.linear1``, ...).
     """
+
+    # the embedding: layer 0 of layer-wise learning-rate decay
+    EMBEDDING = ("patch_embed", "cls_token", "pos_embed")
+    # our names -> timm's VisionTransformer names, outside the blocks and inside a block (before .weight/.bias)
+    TIMM_NAMES = {"patch_embed": "patch_embed.proj", "cls_token": "cls_token", "pos_embed": "pos_embed", "norm": "norm"}
+    TIMM_BLOCK_NAMES = {"norm1": "norm1", "attn.qkv": "attn.qkv", "attn.out_proj": "attn.proj", "norm2": "norm2",
+                        "mlp.linear1": "mlp.fc1", "mlp.linear2": "mlp.fc2"}  # fmt: skip
 
     def __init__(
         self,
@@ -164,6 +180,34 @@ class ViTEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         self._init_weights()
+
+    def no_weight_decay(self, tokens: bool = True) -> set[str]:
+        """Parameters (names relative to the encoder) the optimiser does not decay besides biases and norm
+        weights, as timm's ``no_weight_decay()``: the position table and, with ``tokens``, the cls token."""
+        return {"pos_embed", "cls_token"} if tokens else {"pos_embed"}
+
+    @classmethod
+    def layer_id(cls, name: str, num_layers: int) -> int:
+        """The layer of parameter ``name`` (relative to the encoder) for layer-wise learning-rate decay, as
+        MAE's ``get_layer_id_for_vit``: 0 for the embedding (patch embedding, cls token, position table),
+        b + 1 for block b (0-based), ``num_layers + 1`` after the blocks (the final norm)."""
+        if name.split(".")[0] in cls.EMBEDDING:
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return num_layers + 1
+
+    @classmethod
+    def timm_name(cls, name: str) -> str:
+        """timm's name of the encoder tensor ``name``: ``patch_embed.weight`` -> ``patch_embed.proj.weight``,
+        ``blocks.3.attn.out_proj.bias`` -> ``blocks.3.attn.proj.bias``. KeyError for a tensor timm has no
+        counterpart of."""
+        if name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            inner, _, kind = rest.rpartition(".")
+            return f"blocks.{i}.{cls.TIMM_BLOCK_NAMES[inner]}.{kind}"
+        inner, _, kind = name.rpartition(".")
+        return cls.TIMM_NAMES[name] if not inner else f"{cls.TIMM_NAMES[inner]}.{kind}"
 
     def _init_weights(self) -> None:
         self.apply(init_vit_weights)

@@ -51,15 +51,7 @@ from .transfer import ENCODER_PREFIX, TransferReport
 
 logger = logging.getLogger(__name__)
 
-# our block tensor -> timm block tensor
-_BLOCK_KEYS = {
-    "norm1": "norm1",
-    "attn.qkv": "attn.qkv",
-    "attn.out_proj": "attn.proj",
-    "norm2": "norm2",
-    "mlp.linear1": "mlp.fc1",
-    "mlp.linear2": "mlp.fc2",
-}
+# (our tensor -> timm tensor: the encoder's ``timm_name``, networks/vit.py)
 # Hugging Face block tensor -> timm block tensor (query/key/value are concatenated into qkv)
 _HF_BLOCK_KEYS = {
     "layernorm_before": "norm1",
@@ -169,21 +161,17 @@ def load_imagenet_vit(network: nn.Module, checkpoint: str | Path, prefix: str = 
     classifier, inflating 2D tensors to the encoder's dimensions. Returns (and prints) the report."""
     module = unwrap(network)
     encoder = getattr(module, prefix.rstrip("."), None)
-    if encoder is None or not hasattr(encoder, "patch_embed"):
+    if encoder is None or not hasattr(encoder, "timm_name"):
         raise CheckpointError(f"The network has no ViT '{prefix.rstrip('.')}' to load {checkpoint} into.")
     source = to_timm_names(read_checkpoint(checkpoint))
     target = encoder.state_dict()
     dim, depth = encoder.hidden_size, len(encoder.blocks)
 
     # which checkpoint tensor feeds which encoder tensor
-    plan = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
-            "cls_token": "cls_token", "pos_embed": "pos_embed", "norm.weight": "norm.weight", "norm.bias": "norm.bias"}  # fmt: skip
+    plan = {key: encoder.timm_name(key) for key in target}
     if "norm.weight" not in source and "fc_norm.weight" in source:  # timm global-pool models keep the final norm as fc_norm
-        plan.update({"norm.weight": "fc_norm.weight", "norm.bias": "fc_norm.bias"})
-    for key in target:
-        if (m := re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)) is not None:
-            i, name, kind = m.groups()
-            plan[key] = f"blocks.{i}.{_BLOCK_KEYS[name]}.{kind}"
+        plan = {key: "fc_" + src if src.startswith("norm.") else src for key, src in plan.items()}
+    ours = {src: key for key, src in plan.items()}  # the encoder's names of the tensors converted below
     missing = [f"{src} (for {key})" for key, src in plan.items() if src not in source]
     if len(missing) == len(plan):
         raise CheckpointError(
@@ -213,12 +201,13 @@ def load_imagenet_vit(network: nn.Module, checkpoint: str | Path, prefix: str = 
             f"{checkpoint}: patch embedding {tuple(w2d.shape)} does not fit the encoder's patch size {patch_size} "
             f"(expected (D, 3, p, p) with p = the model's patch size)."
         )
-    new["patch_embed.weight"] = inflate_patch_embed(w2d.float(), encoder.in_channels, patch_size)
+    patch_key, pos_key, cls_key = ours["patch_embed.proj.weight"], ours["pos_embed"], ours["cls_token"]
+    new[patch_key] = inflate_patch_embed(w2d.float(), encoder.in_channels, patch_size)
     rule = "kept RGB" if w2d.shape[1] == encoder.in_channels else f"RGB summed / {encoder.in_channels}"
     if len(patch_size) == 3:
         rule += f", repeated over depth / {patch_size[2]} (I3D)"
-    conversions.append(f"patch embedding {tuple(w2d.shape)} -> {tuple(new['patch_embed.weight'].shape)}: {rule}")
-    new["pos_embed"] = resample_pos_embed(source["pos_embed"].float(), tuple(encoder.grid_size))
+    conversions.append(f"patch embedding {tuple(w2d.shape)} -> {tuple(new[patch_key].shape)}: {rule}")
+    new[pos_key] = resample_pos_embed(source["pos_embed"].float(), tuple(encoder.grid_size))
     old_grid = math.isqrt(source["pos_embed"].shape[1])
     how = "bicubic" if len(patch_size) == 2 else "bicubic in-plane, repeated over depth"
     conversions.append(
@@ -226,7 +215,7 @@ def load_imagenet_vit(network: nn.Module, checkpoint: str | Path, prefix: str = 
     )
     for key, src in plan.items():
         if key not in new:
-            new[key] = source[src].reshape(target[key].shape) if key == "cls_token" else source[src]
+            new[key] = source[src].reshape(target[key].shape) if key == cls_key else source[src]
     mismatched = [f"{key}: {tuple(new[key].shape)} vs model {tuple(target[key].shape)}"
                   for key in plan if new[key].shape != target[key].shape]  # fmt: skip
     if mismatched:

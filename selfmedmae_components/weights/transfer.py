@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..networks.vit import ENCODER_PREFIX
 from ..wrappers import unwrap
 from .checkpoint import CheckpointError, load_state_dict
-
-ENCODER_PREFIX = "encoder."
 
 
 @dataclass
