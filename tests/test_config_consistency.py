@@ -76,3 +76,13 @@ def test_runs_set_up_the_device_in_one_place(bundle):
         assert len(loggers) == 2 and all("log_every(@log_interval)" in h["iteration_log"] for h in loggers)
     inferer = load(bundle, "finetune")["validate"]["inferer"]
     assert inferer["_target_"] == "selfmedmae_components.engines.AutocastInferer" and inferer["amp"] == "@amp"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_the_training_step_owns_the_mask_ratio(bundle):
+    """The pre-training step passes `mask_ratio` to the network at every step; the network's own ratio is only
+    the default of direct calls, so the config does not set it there (a value that would never act)."""
+    config = load(bundle, "pretrain")
+    assert config["train"]["iteration"]["_target_"] == "selfmedmae_components.engines.MAETrainingStep"
+    assert config["train"]["iteration"]["mask_ratio"] == "@mask_ratio"
+    assert "mask_ratio" not in config["network_def"]

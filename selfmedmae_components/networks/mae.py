@@ -25,7 +25,9 @@ class MaskedAutoencoder(nn.Module):
         spatial_dims: 2 or 3.
         hidden_size, num_layers, num_heads, mlp_ratio: encoder (ViT-B: 768, 12, 12, 4).
         decoder_hidden_size, decoder_num_layers, decoder_num_heads: decoder (3D: 384, 8, 12; 2D: 256, 8, 8).
-        mask_ratio: fraction of tokens masked when ``forward`` is called without one.
+        mask_ratio: fraction of tokens masked when ``forward`` is called without one: a default for direct
+            calls only. Training passes its own at every step (``engines.MAETrainingStep`` owns the ratio;
+            the bundles set it there), so this value does not act in a bundle run.
         norm_pix_loss: regress each patch normalised by its own mean and variance (the paper's target).
         activation_checkpointing: recompute the encoder's and decoder's transformer blocks' activations in the backward pass
             (less memory, a second forward of the blocks; :func:`set_activation_checkpointing`).
