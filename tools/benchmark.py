@@ -3,8 +3,11 @@ sliding-window inference beside plain MONAI UNETR, and the data pipeline, all in
 
     python tools/benchmark.py --preset btcv --batch 2 --out results.json
     python tools/benchmark.py --preset brats --parts mae --hidden_size 384 --num_layers 6   # smaller ViT
-    python tools/benchmark.py --preset cxr --batch 32 --compile                            # + torch.compile
+    python tools/benchmark.py --preset cxr14 --batch 32 --compile                          # + torch.compile
     python tools/benchmark.py --preset btcv --batch 24 --finetune_batch 6   # the configs' MAE step, fine-tuning micro-batch
+
+A preset is a dataset of selfmedmae_components/registry.py (btcv, brats, cxr14; also its bundle folder or an
+older alias: cxr); the entry's ``benchmark`` and ``geometry`` say what is measured on which data.
 
 Every measurement interleaves the variants it compares (round r runs each variant once, then
 round r + 1, ...), after ``warmup`` untimed rounds, so a slow spell on a shared machine hits all
@@ -18,7 +21,7 @@ Parts (``--parts``, comma separated, default all):
             with torch's default implementation), at each mask ratio, in float32 and with the
             fastest safe mixed precision (bf16 where the hardware has it). A variant that fails
             (MONAI's MAE under bf16 autocast does) is reported with its error, not hidden.
-  finetune  fine-tuning step of our UNETR (btcv, brats) or ViT classifier (cxr), float32 and amp.
+  finetune  fine-tuning step of our UNETR (btcv, brats) or ViT classifier (cxr14), float32 and amp.
   sw        sliding-window inference (3D presets): plain float32 MONAI UNETR with the bundle's
             inference settings (overlap; sw_batch_size 4 as the original on CPU, 8 on CUDA) against ours in float32,
             with bf16 autocast (engines.AutocastInferer, the same settings), with a larger
@@ -74,16 +77,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from selfmedmae_components import registry  # noqa: E402
 from selfmedmae_components.engines import (  # noqa: E402
     AutocastInferer, MAETrainingStep, TrainingStep, autocast_dtype, cpu_capability, precision_choice, setup_run,
 )
 
-PRESETS = {
-    # bundle folder, CT-/MR-sized volume for sliding-window inference (after resampling)
-    "btcv": dict(bundle="btcv_seg", spatial_dims=3, sw_size=(256, 256, 160)),
-    "brats": dict(bundle="brats_seg", spatial_dims=3, sw_size=(240, 240, 155)),
-    "cxr": dict(bundle="cxr14_cls", spatial_dims=2, sw_size=None),
-}
 MODEL_KEYS = (
     "in_channels", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio",
     "decoder_hidden_size", "decoder_num_layers", "decoder_num_heads",
@@ -306,7 +304,7 @@ def summarize(v: Variant, baseline: Variant | None, peaks: dict) -> dict:
 def bundle_parser(preset: str, config: str, overrides: dict | None = None):
     from monai.bundle import ConfigParser
 
-    path = REPO / "bundles" / PRESETS[preset]["bundle"] / "configs" / f"{config}.yaml"
+    path = REPO / "bundles" / registry.get(preset).bundle / "configs" / f"{config}.yaml"
     parser = ConfigParser()
     parser.read_config(str(path))
     for k, v in (overrides or {}).items():
@@ -327,7 +325,7 @@ def preset_settings(preset: str, overrides: dict) -> dict:
     fin = bundle_parser(preset, "finetune")
     s = {k: setting(pre, k) for k in MODEL_KEYS}
     roi = [int(v) for v in np.atleast_1d(setting(pre, "roi_size", setting(pre, "img_size", 96)))]
-    s["roi_size"] = tuple(roi * PRESETS[preset]["spatial_dims"] if len(roi) == 1 else roi)
+    s["roi_size"] = tuple(roi * registry.get(preset).geometry.spatial_dims if len(roi) == 1 else roi)
     s["betas"] = tuple(setting(pre, "betas", (0.9, 0.95)))
     s["weight_decay"] = setting(pre, "weight_decay", 0.05)
     s["out_channels"] = setting(fin, "out_channels")
@@ -336,7 +334,7 @@ def preset_settings(preset: str, overrides: dict) -> dict:
     s["drop_path_rate"] = setting(fin, "drop_path_rate", 0.1)
     s["layer_decay"] = setting(fin, "layer_decay", 0.75)
     s["finetune_betas"] = tuple(setting(fin, "betas", (0.9, 0.999)))
-    if preset != "cxr":
+    if registry.get(preset).benchmark.sw_size is not None:  # sliding-window inference settings
         inf = bundle_parser(preset, "inference")
         s["sw_batch_size"] = setting(inf, "sw_batch_size", 4)
         s["sw_overlap"] = setting(inf, "sw_overlap", 0.5)
@@ -386,7 +384,7 @@ def build_mae_pair(cfg: dict, spatial_dims: int, device: torch.device):
 def mae_variants(cfg, preset, device, batch, mask_ratios, amp, fused, compile_, log) -> list[Variant]:
     from selfmedmae_components.optim import param_groups_weight_decay
 
-    sd = PRESETS[preset]["spatial_dims"]
+    sd = registry.get(preset).geometry.spatial_dims
     torch.manual_seed(0)
     ours, theirs = build_mae_pair(cfg, sd, device)
     n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
@@ -456,7 +454,8 @@ def finetune_variants(cfg, preset, device, batch, amp, fused, compile_, log) -> 
 
     torch.manual_seed(0)
     c = cfg
-    if preset == "cxr":
+    labels = registry.get(preset).geometry.labels
+    if labels == "multilabel":  # a label vector per image: the classifier
         net = ViTClassifier(
             c["in_channels"], c["out_channels"], c["roi_size"], c["patch_size"], c["hidden_size"], c["num_layers"],
             c["num_heads"], c["mlp_ratio"], c["drop_path_rate"],
@@ -470,7 +469,7 @@ def finetune_variants(cfg, preset, device, batch, amp, fused, compile_, log) -> 
             c["num_heads"], c["mlp_ratio"], c["drop_path_rate"], skip_hidden_states=c["skip_hidden_states"],
         ).to(device)  # fmt: skip
         x = torch.rand(batch, c["in_channels"], *c["roi_size"], device=device)
-        if preset == "brats":
+        if labels == "regions":  # a binary channel per output
             y = (torch.rand(batch, c["out_channels"], *c["roi_size"], device=device) < 0.1).float()
         else:
             y = torch.randint(0, c["out_channels"], (batch, 1, *c["roi_size"]), device=device).float()
@@ -505,19 +504,8 @@ def finetune_variants(cfg, preset, device, batch, amp, fused, compile_, log) -> 
 
 # ----------------------------------------------------------------------------- 3. sliding window
 def sw_volume(preset: str, size: tuple[int, ...], in_channels: int) -> torch.Tensor:
-    """A CT- (or MR-) like volume of ``size`` voxels scaled to [0, 1], from the demo generators."""
-    rng = np.random.default_rng(0)
-    if preset == "btcv":
-        from selfmedmae_components.data.btcv import synthetic_ct
-
-        image = synthetic_ct(rng, tuple(size))[0].astype(np.float32)
-        image = np.clip((image + 175) / 425, 0, 1)[None]
-    else:
-        from selfmedmae_components.data.msd_brats import synthetic_brain
-
-        image = synthetic_brain(rng, tuple(size))[0].astype(np.float32)
-        image = np.moveaxis(image, -1, 0)
-        image = (image - image.mean(axis=(1, 2, 3), keepdims=True)) / (image.std(axis=(1, 2, 3), keepdims=True) + 1e-6)
+    """A CT- (or MR-) like volume of ``size`` voxels scaled as the network sees it, from the demo generator."""
+    image = registry.get(preset).demo_module().network_input(np.random.default_rng(0), tuple(size))
     return torch.from_numpy(np.ascontiguousarray(image[:in_channels]))[None]
 
 
@@ -547,7 +535,7 @@ def sw_variants(cfg, preset, device, amp, sw_measure_size, fast_overlap, fast_sw
     from selfmedmae_components.networks import UNETR
 
     c = cfg
-    full = tuple(PRESETS[preset]["sw_size"])
+    full = tuple(registry.get(preset).benchmark.sw_size)
     if sw_measure_size in (None, "auto"):
         # CPU: a centre crop with 2 x 2 x 1 windows at the bundle's overlap; CUDA: the whole volume
         measure = full if device.type == "cuda" else tuple(
@@ -632,34 +620,10 @@ def label_agreement(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> 
 
 # ----------------------------------------------------------------------------- 4. data pipeline
 def write_synthetic_data(preset: str, folder: Path, n: int) -> list[dict]:
-    from selfmedmae_components.data.demo.shapes import save_nifti
-
+    """``n`` cases of the preset's ``benchmark.data_shape`` (registry), written by its demo generator."""
+    entry = registry.get(preset)
     rng = np.random.default_rng(0)
-    items = []
-    for i in range(n):
-        if preset == "btcv":
-            from selfmedmae_components.data.btcv import synthetic_ct
-
-            # real BTCV: 512 x 512 in-plane, ~0.8 mm; ~100 slices of 2.5-5 mm (half resolution in-plane here)
-            image, label, affine = synthetic_ct(rng, (256, 256, 64))
-        elif preset == "brats":
-            from selfmedmae_components.data.msd_brats import synthetic_brain
-
-            image, label, affine = synthetic_brain(rng, (192, 192, 144))  # 1 mm, as in MSD (240 x 240 x 155)
-        else:
-            from PIL import Image
-
-            img = (rng.random((64, 64)) * 255).astype(np.uint8)
-            img = np.asarray(Image.fromarray(img).resize((1024, 1024), Image.BILINEAR))
-            path = folder / f"{i:08d}_000.png"
-            Image.fromarray(img).save(path)
-            items.append({"image": str(path), "label": [0.0] * 14})
-            continue
-        ip, lp = folder / f"img{i}.nii.gz", folder / f"label{i}.nii.gz"
-        save_nifti(image, affine, ip)
-        save_nifti(label, affine, lp)
-        items.append({"image": str(ip), "label": str(lp)})
-    return items
+    return [entry.demo_module().write_case(folder, i, rng, entry.benchmark.data_shape) for i in range(n)]
 
 
 def data_pipeline(preset: str, data_dir: str | None, n_volumes: int, items_per_config: int, log) -> list[dict]:
@@ -680,8 +644,8 @@ def data_pipeline(preset: str, data_dir: str | None, n_volumes: int, items_per_c
                 parser = bundle_parser(preset, config, {"cache_rate": 1.0, "num_workers": 0})
                 keys = setting(parser, "train#keys") or setting(parser, "keys") or ["image"]
                 data = [{k: d[k] for k in (keys if isinstance(keys, list) else [keys]) if k in d} for d in items]
-                if preset == "cxr" and config == "pretrain":
-                    data = [{"image": d["image"]} for d in items]
+                if config == "pretrain":  # what pre-training reads (cxr14: the images only)
+                    data = [{k: v for k, v in d.items() if k in registry.get(preset).geometry.pretrain_keys} for d in data]
                 parser["train#data"] = data
                 set_determinism(0)
                 t = time.perf_counter()
@@ -767,8 +731,7 @@ def main(
     out: str | None = None,
 ) -> None:
     """Run the benchmark; see the module docstring. ``--out results.json`` writes every number."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    preset = registry.get(preset).name  # an alias (cxr) or a bundle folder names its dataset; unknown: ValueError
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -784,7 +747,7 @@ def main(
     )  # fmt: skip
     if roi_size is not None:  # e.g. --roi_size 32 for a quick check (tools/gpu_check.sh's dry run)
         roi = [int(r) for r in np.atleast_1d(roi_size)]
-        overrides["roi_size"] = tuple(roi * PRESETS[preset]["spatial_dims"] if len(roi) == 1 else roi)
+        overrides["roi_size"] = tuple(roi * registry.get(preset).geometry.spatial_dims if len(roi) == 1 else roi)
     cfg = preset_settings(preset, overrides)
     setup_run(0, dev)  # the bundles' backend settings: cuDNN autotuning, and on CUDA TF32 for float32
     t_start = time.perf_counter()
@@ -832,7 +795,7 @@ def main(
             rows = [summarize(v, group[0], peaks) for v in group]
             results["mae"] += rows
             print_table(rows, f"MAE pre-training step, {preset}, mask {group[0].info['mask_ratio']}, batch {batch}",
-                        "vol/s" if preset != "cxr" else "img/s")  # fmt: skip
+                        "vol/s" if registry.get(preset).geometry.spatial_dims == 3 else "img/s")  # fmt: skip
         group = None  # the models live in the variants' closures: let them go
         _gc(dev)
         save(results, out)
@@ -846,7 +809,7 @@ def main(
         del group
         _gc(dev)
         save(results, out)
-    if "sw" in parts and PRESETS[preset]["sw_size"] is not None:
+    if "sw" in parts and registry.get(preset).benchmark.sw_size is not None:
         vs, outputs, ref_name, measure, full = sw_variants(
             cfg, preset, dev, amp, sw_measure_size, sw_fast_overlap, sw_fast_batch, checkpoint, log
         )

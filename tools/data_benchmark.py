@@ -7,7 +7,7 @@ datasets' real geometry and extrapolated to their full size.
 
 For each bundle and training config (pretrain, finetune) the config's own ``train#dataset`` (and
 ``validate#dataset``) is built with monai.bundle.ConfigParser on ``--cases`` synthetic cases written in
-the downloaded layout and geometry (``GEOMETRY``), and measured (``--baseline REF``: first the configs and
+the downloaded layout and geometry (the registry's ``geometry``), and measured (``--baseline REF``: first the configs and
 code of git commit REF, extracted to a temporary folder and measured there by this tool in a subprocess):
 
   cache/case   what the CacheDataset holds per case: the bytes of its tensors (storages counted once), and
@@ -19,7 +19,7 @@ code of git commit REF, extracted to a temporary folder and measured there by th
   batch MB     what a worker sends per batch (the host-to-GPU copy)
   worker MB    private memory (USS) of each of 2 real loader workers after 2 batches
 
-and extrapolated to the public dataset (``CASES``): the cache at full size (from the bytes held per case;
+and extrapolated to the public dataset (``geometry.cases``): the cache at full size (from the bytes held per case;
 the resident-set rise agrees within the allocator's noise, several MB at a few cases), plus per process the
 workers' private memory, the batches in flight (num_workers x prefetch_factor prefetched + 2 being pinned
 or copied) and this process's own resident set before any data (Python, torch, MONAI; a CUDA context adds
@@ -30,12 +30,16 @@ transient memory. Under torchrun each rank caches only its partition of the trai
 The crops/s a GPU consumes is estimated from the FLOPs of one training step of the bundle's paper-sized
 network (torch.utils.flop_counter on the meta device) at ``--gpu_tflops`` achieved (default 400 TFLOP/s:
 40 % of an H100 SXM's 989 dense bf16 TFLOP/s): the workers needed are that over the crops/s per worker.
+
+The bundles are the datasets of selfmedmae_components/registry.py (``--bundles`` takes bundle folders or dataset
+names): each entry's ``geometry`` is the real data's grid, its demo generator (data/demo/) writes the cases.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import importlib.util
 import json
 import math
 import subprocess
@@ -54,49 +58,31 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# the downloaded datasets: a typical case's grid (voxels, mm) and the cases each config caches
-GEOMETRY = {
-    "btcv_seg": dict(shape=(512, 512, 147), spacing=(0.76, 0.76, 3.0)),  # BTCV img0001; 85-198 slices of 2.5-5 mm
-    "brats_seg": dict(shape=(240, 240, 155), spacing=(1.0, 1.0, 1.0)),  # MSD Task01, 4 channels
-    "cxr14_cls": dict(shape=(1024, 1024)),  # 8-bit PNG
-}
-CASES = {  # train (pretrain: training + validation lists), validation; the datalists the prepare tools write
-    "btcv_seg": {"pretrain": (18, 0), "finetune": (16, 2)},
-    "brats_seg": {"pretrain": (387, 0), "finetune": (348, 39)},  # 484 labelled, 97 held out for evaluation
-    "cxr14_cls": {"pretrain": (86524, 0), "finetune": (77872, 8652)},  # official train_val, 10 % validation
-}
+
+
+def _load_registry():
+    """selfmedmae_components/registry.py of this tool's own tree, loaded on its own: with ``--repo`` (``--baseline``)
+    the package imported is another checkout's, which may predate the registry; the registry imports none of it."""
+    path = Path(__file__).resolve().parents[1] / "selfmedmae_components" / "registry.py"
+    spec = importlib.util.spec_from_file_location("_data_benchmark_registry", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+registry = _load_registry()
 HOST_GIB = 16
 
 
 # ------------------------------------------------------------------------------------ synthetic cases
 def write_cases(bundle: str, folder: Path, n: int) -> list[dict]:
-    """``n`` cases in the public dataset's geometry; the synthetic anatomy is scaled to that grid."""
-    from selfmedmae_components.data.demo.shapes import save_nifti
-
+    """``n`` cases in the public dataset's geometry (grid and voxel size), written by the dataset's demo generator;
+    the synthetic anatomy is scaled to that grid."""
+    entry = registry.get(bundle)
     rng = np.random.default_rng(0)
-    geo = GEOMETRY[bundle]
-    items = []
-    for i in range(n):
-        if bundle == "cxr14_cls":
-            from PIL import Image
-
-            small = (rng.random((64, 64)) * 255).astype(np.uint8)  # smooth noise: histogram equalisation
-            img = np.asarray(Image.fromarray(small).resize(geo["shape"], Image.BILINEAR))  # needs no anatomy
-            path = folder / f"{i:08d}_000.png"
-            Image.fromarray(img).save(path)
-            items.append({"image": str(path), "label": [float(k == i % 14) for k in range(14)]})
-            continue
-        if bundle == "btcv_seg":
-            from selfmedmae_components.data.btcv import synthetic_ct as make
-        else:
-            from selfmedmae_components.data.msd_brats import synthetic_brain as make
-        image, label, affine = make(rng, geo["shape"])
-        affine[:3, :3] = np.diag(np.sign(np.diag(affine)[:3]) * geo["spacing"])  # the real voxel size
-        paths = {k: folder / f"{k}{i}.nii.gz" for k in ("image", "label")}
-        save_nifti(image, affine, paths["image"])
-        save_nifti(label, affine, paths["label"])
-        items.append({k: str(v) for k, v in paths.items()})
-    return items
+    geo = entry.geometry
+    return [entry.demo_module().write_case(folder, i, rng, geo.shape, geo.spacing) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -228,7 +214,7 @@ def config_parser(bundle: str, config: str, overrides: dict):
 def measure(bundle: str, config: str, items: list[dict], batches: int, log) -> dict:
     from monai.data import set_track_meta
 
-    keys = ["image"] if (bundle == "cxr14_cls" and config == "pretrain") else list(items[0])
+    keys = list(registry.get(bundle).geometry.pretrain_keys) if config == "pretrain" else list(items[0])
     data = [{k: d[k] for k in keys} for d in items]
     over = {"train#data": data, "num_workers": 2, "train#dataset#num_workers": 1, "train#dataset#progress": False}
     if config == "finetune":
@@ -259,7 +245,7 @@ def measure(bundle: str, config: str, items: list[dict], batches: int, log) -> d
 
 def full_size(bundle: str, config: str, row: dict, base_mb: float, ranks: int = 1) -> dict:
     """Host memory (GiB) at the public dataset's size, per process with ``ranks`` processes."""
-    train, val = CASES[bundle][config]
+    train, val = registry.get(bundle).geometry.cases[config]
     per_case = row["held_mb"]
     val_case = row["val"]["held_mb"] if "val" in row else 0.0
     cache = per_case * math.ceil(train / ranks) + val_case * val
@@ -289,7 +275,7 @@ def report(results: dict, base_mb: float, gpu_tflops: float) -> str:
     ]
     for (bundle, config, label), row in results.items():
         one, eight = full_size(bundle, config, row, base_mb), full_size(bundle, config, row, base_mb, ranks=8)
-        train, val = CASES[bundle][config]
+        train, val = registry.get(bundle).geometry.cases[config]
         dtypes = ", ".join(f"{k} {v}" for k, v in row["dtypes"].items())
         fits = "" if max(one["total_gb"], one["caching_peak_gb"]) <= HOST_GIB else f" (over {HOST_GIB})"
         lines.append(
@@ -306,21 +292,23 @@ def report(results: dict, base_mb: float, gpu_tflops: float) -> str:
     return "\n".join(lines + [""] + speed)
 
 
-def measure_commit(ref: str, bundles: list, configs: list, cases: int | None, batches: int) -> dict:
-    """The rows of git commit ``ref``: its tree extracted (git archive) and measured there by this tool."""
+def measure_commit(ref: str, bundles: list, configs: list, items: dict, batches: int) -> dict:
+    """The rows of git commit ``ref``: its tree extracted (git archive) and measured there by this tool, on the
+    same synthetic cases (``items``: bundle -> datalist items) as the current tree."""
     with tempfile.TemporaryDirectory() as tree:
         archive = subprocess.run(["git", "archive", ref], cwd=REPO, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
-        out = Path(tree) / "rows.json"
+        out, items_file = Path(tree) / "rows.json", Path(tree) / "items.json"
+        items_file.write_text(json.dumps(items))
         cmd = [sys.executable, __file__, "--repo", tree, "--bundles", ",".join(bundles), "--configs", ",".join(configs),
-               "--batches", str(batches), "--out", str(out)] + (["--cases", str(cases)] if cases else [])  # fmt: skip
+               "--batches", str(batches), "--out", str(out), "--items_file", str(items_file)]  # fmt: skip
         subprocess.run(cmd, check=True)
         rows = json.loads(out.read_text())["rows"]
     return {(*key.split()[:2], f"@{ref}"): row for key, row in rows.items()}
 
 
 def main(
-    bundles: str | tuple | list = "btcv_seg,brats_seg,cxr14_cls",
+    bundles: str | tuple | list = tuple(d.bundle for d in registry.DATASETS),
     configs: str | tuple | list = "pretrain,finetune",
     cases: int | None = None,
     batches: int = 5,
@@ -328,9 +316,11 @@ def main(
     gpu_tflops: float = 400.0,
     out: str | None = None,
     repo: str | None = None,
+    items_file: str | None = None,
 ) -> None:
-    """See the module docstring. ``--cases`` defaults to 3 volumes (btcv, brats) or 500 images (cxr14);
-    ``--repo`` measures another checkout's bundles and components (``--baseline`` uses it)."""
+    """See the module docstring. ``--cases`` defaults to the registry's ``data_benchmark_cases``: 3 volumes
+    (btcv, brats) or 500 images (cxr14). ``--repo`` measures another checkout's bundles and components on the
+    cases listed in ``--items_file`` (JSON: bundle -> datalist items); ``--baseline`` uses both."""
     global REPO
     if repo:  # its selfmedmae_components first on the path: nothing of it is imported yet
         REPO = Path(repo).resolve()
@@ -339,7 +329,7 @@ def main(
 
     if not Path(selfmedmae_components.__file__).resolve().is_relative_to(REPO):
         raise RuntimeError(f"selfmedmae_components imported from {selfmedmae_components.__file__}, not {REPO}")
-    bundles = bundles.split(",") if isinstance(bundles, str) else list(bundles)
+    bundles = [registry.get(b).bundle for b in (bundles.split(",") if isinstance(bundles, str) else list(bundles))]
     configs = configs.split(",") if isinstance(configs, str) else list(configs)
     t0 = time.perf_counter()
 
@@ -348,15 +338,23 @@ def main(
 
     _settle()
     base_mb = _status_kb("VmRSS") / 1024  # Python, torch, MONAI and this tool, before any data
-    results: dict = measure_commit(baseline, bundles, configs, cases, batches) if baseline else {}
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if items_file:  # --baseline's run in another checkout: the cases the current tree wrote
+            items_of = json.loads(Path(items_file).read_text())
+        else:
+            items_of = {}
+            for bundle in bundles:
+                (tmp / bundle).mkdir()
+                n = cases or registry.get(bundle).data_benchmark_cases
+                items_of[bundle] = write_cases(bundle, tmp / bundle, n)
+                geo = registry.get(bundle).geometry
+                log(f"{bundle}: wrote {n} synthetic cases of {geo.shape} voxels" + (f", {geo.spacing} mm" if geo.spacing else ""))
+        if baseline:
+            results.update(measure_commit(baseline, bundles, configs, items_of, batches))
         for bundle in bundles:
-            folder = tmp / bundle
-            folder.mkdir()
-            n = cases or (500 if bundle == "cxr14_cls" else 3)
-            items = write_cases(bundle, folder, n)
-            log(f"{bundle}: wrote {n} synthetic cases of {GEOMETRY[bundle]}")
+            items = items_of[bundle]
             # untimed warm-up: the first case loads readers and libraries, which would count as cache
             build_cached(config_parser(bundle, configs[0], {"train#data": items[:1], "train#dataset#progress": False}), "train#dataset")
             for config in configs:

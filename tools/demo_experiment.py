@@ -37,24 +37,27 @@ from scipy import stats
 import sweep  # tools/sweep.py: the bundle runner shared by the experiment tools
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-# per bundle: demo generator (and its flags for many unlabelled volumes), dataset folder inside the
-# generator's output, prepare tool, and the Dice groups of the evaluation summary (the first is reported)
+from selfmedmae_components import registry  # noqa: E402
+
+# per bundle: the demo generator's flags for many unlabelled volumes, and the Dice groups of the evaluation
+# summary (the first is reported); the generator, its dataset folder and the prepare tool come from the registry
 BUNDLES = {
-    "btcv_seg": dict(make=["btcv", "--num_test_cases=20"], folder=".", prepare="tools/prepare_btcv.py",
-                     groups=("8 organs (paper)", "13 organs")),  # fmt: skip
-    "brats_seg": dict(make=["brats", "--num_cases=30", "--num_test_cases=20"], folder="Task01_BrainTumour",
-                      prepare="tools/prepare_msd_brats.py", groups=("mean (WT, TC, ET)",)),  # fmt: skip
+    "btcv_seg": dict(make=["--num_test_cases=20"], groups=("8 organs (paper)", "13 organs")),
+    "brats_seg": dict(make=["--num_cases=30", "--num_test_cases=20"], groups=("mean (WT, TC, ET)",)),
 }
 
 
 def prepare_data(bundle: str, data_root: Path, labelled: int) -> tuple[Path, Path, Path]:
     """Demo data + datalist through the user-facing tools; returns (dataset_dir, MAE datalist, few-labels datalist)."""
-    spec = BUNDLES[bundle]
-    data = data_root / spec["folder"]
+    entry = registry.get(bundle)
+    data = data_root / entry.demo_run.dataset
     if not (data / "datalist.json").is_file():
-        subprocess.run([sys.executable, "tools/make_demo_data.py", spec["make"][0], str(data_root), *spec["make"][1:]], cwd=REPO, check=True)
-        subprocess.run([sys.executable, spec["prepare"], str(data)], cwd=REPO, check=True)
+        make = BUNDLES[entry.bundle]["make"]
+        subprocess.run([sys.executable, "tools/make_demo_data.py", entry.name, str(data_root), *make], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "tools/prepare.py", entry.name, str(data)], cwd=REPO, check=True)
     datalist = json.loads((data / "datalist.json").read_text())
     if labelled > len(datalist["training"]):
         raise SystemExit(f"--labelled {labelled}: the datalist has {len(datalist['training'])} training cases")

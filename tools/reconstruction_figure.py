@@ -25,6 +25,11 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from selfmedmae_components import registry  # noqa: E402
+
 ROWS = ("original", "masked", "reconstruction")
 GAP, LABEL_WIDTH, HEADER = 4, 110, 20
 
@@ -41,9 +46,12 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 
 def bundle_parser(bundle: str, config: str, presets: list[str], overrides: dict):
-    """A ConfigParser on ``bundles/<bundle>/configs/<config>.yaml`` layered with presets and overrides."""
+    """A ConfigParser on ``bundles/<bundle>/configs/<config>.yaml`` layered with presets and overrides; ``bundle``
+    may also be a dataset's name (registry: btcv, brats, cxr14, or an alias)."""
     from monai.bundle import ConfigParser
 
+    entry = registry.find(bundle)
+    bundle = entry.bundle if entry else bundle
     files = [REPO / "bundles" / bundle / "configs" / f"{name}.yaml" for name in [config, *presets]]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -112,6 +120,8 @@ def make_figure(
     from selfmedmae_components.data.common import load_datalist
     from selfmedmae_components.weights import CheckpointError, load_state_dict
 
+    entry = registry.find(bundle)  # a dataset's name (btcv) stands for its bundle folder (btcv_seg)
+    bundle = entry.bundle if entry else bundle
     settings = {"dataset_dir": str(dataset_dir), "device": "$torch.device('cpu')", "num_workers": 0, **(overrides or {})}
     parser = bundle_parser(bundle, "pretrain", presets or [], settings)
     if "mae_crops" in parser.get():
@@ -154,7 +164,8 @@ def make_figure(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="MAE pre-training checkpoint (models/mae_pretrain.pt)")
-    p.add_argument("--bundle", default="btcv_seg", help="btcv_seg, brats_seg or cxr14_cls")
+    p.add_argument("--bundle", default="btcv_seg", help="a bundle folder under bundles/ or its dataset's name: "
+                   + ", ".join(f"{d.bundle} ({d.name})" for d in registry.DATASETS))  # fmt: skip
     p.add_argument("--dataset_dir", required=True, help="the prepared dataset (with datalist.json)")
     p.add_argument("--cases", type=int, default=4, help="columns (cases) in the figure")
     p.add_argument("--mask_ratio", type=float, default=None, help="default: the config's (pre-training) mask ratio")
