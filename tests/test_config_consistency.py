@@ -86,3 +86,16 @@ def test_the_training_step_owns_the_mask_ratio(bundle):
     assert config["train"]["iteration"]["_target_"] == "selfmedmae_components.engines.MAETrainingStep"
     assert config["train"]["iteration"]["mask_ratio"] == "@mask_ratio"
     assert "mask_ratio" not in config["network_def"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_unetr_bundles_have_no_patch_size_to_ignore(bundle):
+    """UNETR fixes its patch size (16): a `patch_size` id in the UNETR configs would be read by nothing, so
+    `--patch_size 8` would be silently ignored. Pre-training must use UNETR's, or the transfer cannot fit."""
+    from selfmedmae_components.networks import UNETR
+
+    if load(bundle, "finetune")["network_def"]["_target_"] != "selfmedmae_components.networks.UNETR":
+        pytest.skip("not a UNETR bundle")
+    for stage in ("finetune", "evaluate", "inference"):
+        assert "patch_size" not in load(bundle, stage), f"{bundle.name}/{stage}.yaml"
+    assert load(bundle, "pretrain")["patch_size"] == UNETR.patch_size
