@@ -19,7 +19,7 @@ from monai.handlers import CheckpointLoader, StatsHandler
 from monai.losses import DiceCELoss
 
 from selfmedmae_components import engines
-from selfmedmae_components.distributed import ValidationSampler
+from selfmedmae_components.distributed import ValidationSampler, validation_partition
 from selfmedmae_components.engines import TrainingStep, set_determinism, setup_run
 from selfmedmae_components.handlers import EpochSeeder, log_every
 from selfmedmae_components.networks import UNETR, MaskedAutoencoder, ViTClassifier
@@ -137,6 +137,15 @@ def test_validation_sampler_every_rank_has_a_case_and_every_case_weighs_the_same
     else:  # what MONAI's does there
         with pytest.raises(ValueError, match="less than the number of participating ranks"):
             DistributedSampler(range(cases), even_divisible=False, num_replicas=ranks, rank=0, shuffle=False)
+
+
+def test_each_rank_caches_only_the_validation_cases_it_validates():
+    """The multi-GPU configs build each rank's validation CacheDataset from its own part of the list."""
+    cases = [{"image": f"case{i}.nii.gz"} for i in range(5)]
+    parts = [validation_partition(cases, num_replicas=3, rank=r) for r in range(3)]
+    assert parts == [[cases[0], cases[3]], [cases[1], cases[4]], [cases[2]]]
+    assert [validation_partition(cases[:2], num_replicas=3, rank=r) for r in range(3)] == \
+        [[cases[0], cases[1]], [cases[1]], [cases[0]]]  # fewer cases than ranks: each case twice
 
 
 @pytest.fixture
