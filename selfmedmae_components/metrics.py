@@ -66,7 +66,7 @@ class SegmentationReport:
     named class) and ``summary.json`` / ``summary.md`` (means per class and per class group), and
     prints the summary table.
 
-    Dice follows REFERENCE: per class per case, classes absent from the ground truth ignored (NaN),
+    Dice as in the original SelfMedMAE code: per class per case, classes absent from the ground truth ignored (NaN),
     then averaged over classes and cases. HD95 cases where a class is missed entirely (infinite
     distance) are counted and left out of the mean.
 

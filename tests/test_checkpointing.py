@@ -1,4 +1,4 @@
-"""AtomicCheckpointSaver (issue 13): every rotated file (interval, best metric, final) is replaced only after
+"""AtomicCheckpointSaver: every rotated file (interval, best metric, final) is replaced only after
 its successor is complete; stale temporary files and an interrupted run's checkpoints are cleaned up.
 
 In-process and fast; the real SIGKILL during a write is in test_resume_and_ddp.py.

@@ -56,7 +56,7 @@ def test_yaml_floats_are_numbers(bundle):
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
 def test_runs_set_up_the_device_in_one_place(bundle):
-    """Issue 18: seeding through engines.setup_run (cuDNN autotuning unless `deterministic`, TF32 on CUDA),
+    """Seeding through engines.setup_run (cuDNN autotuning unless `deterministic`, TF32 on CUDA),
     never MONAI's set_determinism (deterministic cuDNN, no autotuning); training logs every `log_interval`
     iterations; the memory switches reach the step and the network; fine-tuning validation under the same
     autocast as evaluate.yaml."""

@@ -1,4 +1,4 @@
-"""The training data pipelines (issues 14.3 and 18), built from the bundle configs as a run builds them:
+"""The training data pipelines, built from the bundle configs as a run builds them:
 compact caches give the float32 tensors within the rounding their dtype allows, the BTCV crops from cached
 crop centres are the crops drawn before, nothing writes into the cache (which is not copied per item),
 persistent loader workers replay an epoch exactly, and under torchrun each rank caches only its part.

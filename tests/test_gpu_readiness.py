@@ -1,4 +1,4 @@
-"""Issue 18, ready for the first GPU run: the CUDA-bound fixes checked on their CPU paths, in process.
+"""Ready for the first GPU run: the CUDA-bound fixes checked on their CPU paths, in process.
 
 Gradient accumulation (micro-batches), the fp16 grad scaler across a resume (fp16 forced on CPU),
 unscaling only to clip, the validation sampler for more ranks than cases, cuDNN / TF32 settings,

@@ -1,4 +1,4 @@
-"""The MAE and ViT follow REFERENCE.md section 2 exactly: patch order, sine-cosine tables, masking, loss."""
+"""The MAE and ViT follow the MAE paper and the original SelfMedMAE code exactly: patch order, sine-cosine tables, masking, loss."""
 
 import math
 

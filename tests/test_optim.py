@@ -1,4 +1,4 @@
-"""Layer-wise LR decay groups and weight-decay exclusions (REFERENCE.md, fine-tuning)."""
+"""Layer-wise LR decay groups and weight-decay exclusions (MAE's fine-tuning recipe)."""
 
 import pytest
 

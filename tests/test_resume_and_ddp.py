@@ -1,4 +1,4 @@
-"""Scale out and survive (issue 5): torchrun DDP on CPU (gloo), kill -9 and resume, determinism.
+"""Scale out and survive: torchrun DDP on CPU (gloo), kill -9 and resume, determinism.
 
 The runs use the btcv_seg (and, for torchrun, cxr14_cls) pretrain/finetune configs with the demo preset made tiny.
 """
@@ -101,7 +101,7 @@ def test_kill_and_resume_reaches_the_uninterrupted_result(dataset, straight, tmp
 
 
 def test_kill_while_a_checkpoint_is_written(dataset, straight, tmp_path):
-    """Issue 13: SIGKILL while the epoch-3 checkpoint is half written (tests/stall_save.py stops the third
+    """SIGKILL while the epoch-3 checkpoint is half written (tests/stall_save.py stops the third
     torch.save there); a complete checkpoint must exist at that instant, and resuming must reach the
     uninterrupted run's weights with n_saved and the loss log intact."""
     cfg = configs("btcv_seg", "pretrain", "demo")
@@ -197,7 +197,7 @@ def test_torchrun_two_processes_cxr14(tmp_path):
 
 
 def test_torchrun_three_processes_finetune_with_fewer_validation_cases_than_ranks(dataset, tmp_path):
-    """Issue 18: 2 validation cases on 3 ranks (MONAI's DistributedSampler raised there). The metric gathered
+    """2 validation cases on 3 ranks (MONAI's DistributedSampler raised there). The metric gathered
     over the ranks must be the mean over the 2 cases (padding would count one twice): with a learning rate of 0
     both runs validate their common initial weights, and one process must find the same Dice. The step runs
     in micro-batches of 1 crop, so DDP's no_sync path runs too."""
