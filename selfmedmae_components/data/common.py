@@ -66,14 +66,14 @@ def load_datalist(datalist_file: str | os.PathLike, keys: str | list[str], base_
     if not datalist_file.is_file():
         raise FileNotFoundError(
             f"Datalist not found: {datalist_file}. Create it from the downloaded dataset with the bundle's "
-            f"preparation tool (tools/prepare_*.py), or set --datalist_file."
+            f"preparation tool (tools/prepare.py DATASET FOLDER), or set --datalist_file."
         )
     try:
         with open(datalist_file) as f:
             available = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(
-            f"{datalist_file} is not a datalist JSON file ({e}); write it with tools/prepare_*.py."
+            f"{datalist_file} is not a datalist JSON file ({e}); write it with tools/prepare.py."
         ) from e
     if not isinstance(available, dict):
         raise DatasetError(f"{datalist_file} is not a datalist: expected a JSON object with 'training' ... lists.")
