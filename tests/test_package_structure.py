@@ -2,6 +2,10 @@
 
 A lazy import inside a function hides a cycle from Python but not from a reader: which module owns
 what stops being clear. The graph is read from the source with ``ast``, so nothing is imported.
+
+One kind of function is left out: a module-level ``__getattr__`` (PEP 562) that forwards a moved name to
+its new home (``data.btcv.make_demo`` -> ``data.demo.btcv``) is an alias for old import paths, which no code
+of the module itself uses.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
         if target and target != name:
             found.add(target)
 
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    aliases = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "__getattr__"]
+    skip = {id(n) for f in aliases for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 add(alias.name)
@@ -85,8 +94,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_graph_sees_every_kind_of_import(tmp_path):
-    """The parser itself: absolute, relative, `from . import x`, and imports inside functions."""
-    modules = {f"{PACKAGE}.{m}": tmp_path for m in ("a", "b", "c", "d", "sub", "sub.e")}
+    """The parser itself: absolute, relative, `from . import x`, and imports inside functions (except the
+    forwarding of a module-level `__getattr__`)."""
+    modules = {f"{PACKAGE}.{m}": tmp_path for m in ("a", "b", "c", "d", "f", "sub", "sub.e")}
     src = tmp_path / "e.py"
     src.write_text(
         "import selfmedmae_components.a\n"
@@ -94,6 +104,7 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
         "def f():\n    from ..c import thing\n"
         "class K:\n    def g(self):\n        from selfmedmae_components.d import other\n"
         "import torch\n"
+        "def __getattr__(name):\n    from .. import f\n    return getattr(f, name)\n"  # a PEP 562 alias: left out
     )
     assert imported_modules(f"{PACKAGE}.sub.e", src, modules) == {f"{PACKAGE}.{m}" for m in "abcd"}
     assert find_cycle({"x": {"y"}, "y": {"z"}, "z": {"x"}}) == ["x", "y", "z", "x"]
