@@ -141,8 +141,9 @@ DATASETS: tuple[Dataset, ...] = (
         prepare_usage="/data/btcv [--output PATH] [--num_val_cases 2] [--seed 0] [--check_files False]",
         demo="selfmedmae_components.data.demo.btcv",
         geometry=Geometry(
-            spatial_dims=3, channels=1, shape=(512, 512, 147), spacing=(0.76, 0.76, 3.0),  # img0001; 85-198 slices of 2.5-5 mm
-            labels="classes", cases={"pretrain": (18, 0), "finetune": (16, 2)},
+            # img0001; the 30 labelled CTs have 85-198 slices of 2.5-5 mm
+            spatial_dims=3, channels=1, shape=(512, 512, 147), spacing=(0.76, 0.76, 3.0), labels="classes",
+            cases={"pretrain": (18, 0), "finetune": (16, 2)},
         ),  # fmt: skip
         demo_run=DemoRun(
             make_args=(), dataset="", input="RawData/Testing/img", pretrain_epochs=40, finetune_epochs=30,

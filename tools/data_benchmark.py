@@ -7,8 +7,9 @@ datasets' real geometry and extrapolated to their full size.
 
 For each bundle and training config (pretrain, finetune) the config's own ``train#dataset`` (and
 ``validate#dataset``) is built with monai.bundle.ConfigParser on ``--cases`` synthetic cases written in
-the downloaded layout and geometry (the registry's ``geometry``), and measured (``--baseline REF``: first the configs and
-code of git commit REF, extracted to a temporary folder and measured there by this tool in a subprocess):
+the downloaded layout and geometry (the registry's ``geometry``), and measured (``--baseline REF``: first the
+configs and code of git commit REF, extracted to a temporary folder and measured there by this tool in a subprocess,
+on the same cases):
 
   cache/case   what the CacheDataset holds per case: the bytes of its tensors (storages counted once), and
                the rise of this process's resident set (VmRSS after caching minus before, over the cases)
@@ -350,7 +351,8 @@ def main(
                 n = cases or registry.get(bundle).data_benchmark_cases
                 items_of[bundle] = write_cases(bundle, tmp / bundle, n)
                 geo = registry.get(bundle).geometry
-                log(f"{bundle}: wrote {n} synthetic cases of {geo.shape} voxels" + (f", {geo.spacing} mm" if geo.spacing else ""))
+                mm = f", {geo.spacing} mm" if geo.spacing else ""
+                log(f"{bundle}: wrote {n} synthetic cases of {geo.shape} voxels{mm}")
         if baseline:
             results.update(measure_commit(baseline, bundles, configs, items_of, batches))
         for bundle in bundles:
