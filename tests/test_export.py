@@ -55,9 +55,17 @@ def isolated(export_root: Path, args: list[str], cwd: Path, timeout: int = 600) 
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def tiny_settings(bundle: str) -> list[str]:
+    """``--set`` arguments giving the exported configs the demo preset + tiny network of the test weights
+    (the export loads the weights strictly into the exported inference network)."""
+    inference = yaml.safe_load((REPO / "bundles" / bundle / "configs/inference.yaml").read_text())
+    values = {**yaml.safe_load((REPO / "bundles" / bundle / "configs/demo.yaml").read_text()), **CASES[bundle].tiny}
+    return [a for k, v in values.items() if k in inference for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
 def export(bundle: str, out: Path, weights: Path) -> Path:
-    proc = subprocess.run([sys.executable, str(REPO / "tools/export_bundle.py"), bundle, "--out", str(out), "--weights", str(weights)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(REPO / "tools/export_bundle.py"), bundle, "--out", str(out), "--weights", str(weights),
+                           *tiny_settings(bundle)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return out / f"{bundle}.zip"
 

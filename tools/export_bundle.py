@@ -2,6 +2,15 @@
 
     python tools/export_bundle.py btcv_seg --out dist/                        # dist/btcv_seg/ and dist/btcv_seg.zip
     python tools/export_bundle.py btcv_seg --out dist/ --weights bundles/btcv_seg/models/model.pt
+    python tools/export_bundle.py --run demo_runs/btcv_seg --out dist/        # the weights of a training run
+
+``--run`` takes the folder a training run wrote into (its ``bundle_root``): the fine-tuned weights
+``models/model.pt``, the MAE pre-trained weights ``models/mae_pretrain.pt`` (shipped too, for further
+fine-tuning, e.g. by MONAI Label) and the run record ``models/finetune_run.json``
+(selfmedmae_components/run_record.py) with the network settings the run used. Those settings (and any
+``--set key=value``) are written into the exported configs, so that they build that network; the
+metadata describes it; and the weights must load into the exported inference network *strictly* (MONAI
+Label loads non-strictly and would otherwise serve random layers in silence), else the export fails.
 
 The export holds the bundle's configs, docs, LICENSE and large_files.yml, and a copy of the
 ``selfmedmae_components`` package at the bundle root: ``python -m monai.bundle run`` puts the bundle
@@ -93,24 +102,189 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _record_weights(bundle: Path, sha256: str) -> None:
-    """Set models/model.pt's hash in large_files.yml (the file ships inside the export: no url)."""
+def _record_weights(bundle: Path, hashes: dict[str, str]) -> None:
+    """Set the hashes of the shipped models/*.pt in large_files.yml (they ship inside the export: no url);
+    models/model.pt first."""
     lf_path = bundle / "large_files.yml"
     data = yaml.safe_load(lf_path.read_text()) if lf_path.is_file() else None
     data = data or {"large_files": []}
-    entries = [e for e in data.get("large_files", []) if e.get("path") != "models/model.pt"]
-    entries.insert(0, {"path": "models/model.pt", "url": "", "hash_val": sha256, "hash_type": "sha256"})
-    data["large_files"] = entries
+    paths = [f"models/{n}" for n in sorted(hashes, key=lambda n: n != "model.pt")]
+    entries = [e for e in data.get("large_files", []) if e.get("path") not in paths]
+    data["large_files"] = [{"path": p, "url": "", "hash_val": hashes[p[len("models/"):]], "hash_type": "sha256"}
+                           for p in paths] + entries  # fmt: skip
     header = (
-        "# Written by tools/export_bundle.py: models/model.pt ships inside this export (no download url);\n"
-        "# hash_val is its sha256.\n"
+        "# Written by tools/export_bundle.py: the models/*.pt listed with an empty url ship inside this export;\n"
+        "# hash_val is their sha256.\n"
     )
     lf_path.write_text(header + yaml.safe_dump(data, sort_keys=False))
 
 
-def export_bundle(bundle: str | Path, out: str | Path, weights: str | Path | None = None, name: str | None = None,
-                  force: bool = False, make_zip: bool = True) -> Path:
-    """Write ``<out>/<name>/`` (and ``<out>/<name>.zip``); returns the bundle folder."""
+# ---- the network a run trained: its settings into the exported configs, checked by a strict load
+
+NOT_NETWORK_ARGS = ("drop_path_rate", "activation_checkpointing")  # training-only: inference sets its own
+REF = re.compile(r"@([A-Za-z_][\w]*)")  # a reference to a top-level id (also inside `$` expressions)
+
+
+def _refs(value) -> set[str]:
+    if isinstance(value, str):
+        return set(REF.findall(value))
+    if isinstance(value, dict):
+        return set().union(*(_refs(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_refs(v) for v in value)) if value else set()
+    return set()
+
+
+def network_ids(config: dict, roots: tuple[str, ...] = ("network_def", "preprocessing")) -> set[str]:
+    """The top-level ids that ``roots`` read, directly or through other top-level ids."""
+    seen: set[str] = set()
+    todo = set().union(*(_refs(config.get(r)) for r in roots))
+    while todo:
+        key = todo.pop()
+        if key in seen or key not in config:
+            continue
+        seen.add(key)
+        todo |= _refs(config[key])
+    return seen
+
+
+def run_settings(inference: dict, record: dict) -> dict:
+    """The values of the inference config's network and preprocessing ids under a run record: each
+    ``network_def`` argument that is a plain ``@id`` takes the run's network argument, any other id the
+    network or preprocessing reads takes the run's top-level setting where the run had one."""
+    out = {}
+    net = inference.get("network_def", {})
+    for arg, raw in net.items():
+        m = REF.fullmatch(raw) if isinstance(raw, str) else None
+        if m and arg in record["network"] and arg not in NOT_NETWORK_ARGS:
+            out[m.group(1)] = record["network"][arg]
+    for key in sorted(network_ids(inference)):
+        if key not in out and key in record["settings"]:
+            out[key] = record["settings"][key]
+    return out
+
+
+def _set_top_level(text: str, key: str, value, note: str) -> str:
+    """``text`` (a YAML config) with the top-level ``key`` set to ``value`` (a flow-style line), or appended."""
+    line = f"{key}: {json.dumps(value)}   # {note}\n"
+    pattern = re.compile(rf"^{re.escape(key)}:[^\n]*\n(?:[ \t]+[^\n]*\n)*", re.M)  # the line and its indented block
+    if pattern.search(text):
+        return pattern.sub(lambda _: line, text, count=1)
+    return text.rstrip("\n") + "\n" + line
+
+
+def apply_settings(configs: Path, settings: dict, note: str) -> list[str]:
+    """Write ``settings`` into the exported configs: inference.yaml gets all of them (appended where it lacks
+    one), every other YAML config those it already defines. Returns the files changed."""
+    changed = []
+    for cfg in sorted(configs.glob("*.yaml")):
+        text = cfg.read_text()
+        top = yaml.safe_load(text) or {}
+        keys = [k for k in settings if (cfg.name == "inference.yaml" or k in top) and top.get(k) != settings[k]]
+        if cfg.name == "demo.yaml" or not keys:  # the demo preset stays the demo preset
+            continue
+        for k in keys:
+            text = _set_top_level(text, k, settings[k], note)
+        loaded = yaml.safe_load(text)
+        bad = [k for k in keys if loaded.get(k) != settings[k]]
+        if bad:
+            raise ExportError(f"Could not write {bad} into {cfg.name}.")
+        cfg.write_text(text)
+        changed.append(cfg.name)
+    return changed
+
+
+def _phrase(settings: dict) -> dict:
+    return {k: settings[k] for k in ("hidden_size", "num_layers", "num_heads", "patch_size", "roi_size", "img_size", "pixdim")
+            if k in settings}  # fmt: skip
+
+
+def describe(meta: dict, defaults: dict, settings: dict, source: str) -> dict:
+    """Metadata that describes the exported network: input shape from its crop size, and a description
+    that no longer claims the paper's ViT-B/16 when the weights are another network."""
+    meta = json.loads(json.dumps(meta))
+    changed = {k: v for k, v in settings.items() if defaults.get(k) != v}
+    if not changed:
+        return meta
+    image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
+    size = settings.get("roi_size", settings.get("img_size"))
+    if size is not None and "spatial_shape" in image:
+        image["spatial_shape"] = list(size) if isinstance(size, list) else [size] * len(image["spatial_shape"])
+    d = {**defaults, **settings}
+    vit = (f"ViT (width {d.get('hidden_size')}, {d.get('num_layers')} blocks, {d.get('num_heads')} heads, "
+           f"patch {d.get('patch_size', 16)})")  # fmt: skip
+    text = meta.get("description", "").replace("ViT-B/16", vit)
+    if isinstance(size, list) and len(set(size)) == 1:
+        text = re.sub(r"\b\d+\^3\b", f"{size[0]}^3", text)
+    elif isinstance(size, list):
+        text = re.sub(r"\b\d+\^3\b", "x".join(map(str, size)), text)
+    elif size is not None:
+        text = re.sub(r"\b\d+x\d+\b", f"{size}x{size}", text)
+    listed = ", ".join(f"{k} {json.dumps(v)}" for k, v in changed.items())
+    meta["description"] = (f"{text} These weights come from {source}, whose settings differ from the paper's "
+                           f"(the bundle's defaults): {listed}.")  # fmt: skip
+    return meta
+
+
+def check_strict(bundle: Path, weights: Path, shown: Path | None = None) -> None:
+    """Build the exported inference ``network_def`` and load ``weights`` into it strictly (``shown``: the
+    name of the weights in the error)."""
+    from monai.bundle import ConfigParser
+
+    from selfmedmae_components.weights import load_state_dict
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.yaml"))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(bundle)
+    net = parser.get_parsed_content("network_def")
+    state = load_state_dict(weights)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(
+            f"{shown or weights} does not fit the network the exported configs/inference.yaml builds (MONAI Label would load it "
+            f"non-strictly and serve the misfit layers random). Export the run folder with --run (its recorded "
+            f"settings), or give the settings with --set key=value. PyTorch says: {str(e)[:1500]}"
+        ) from e
+
+
+def bundle_of_run(run: Path) -> str:
+    """The bundle a run folder was trained with (the record's config folder), for ``--run`` without a bundle."""
+    from selfmedmae_components.run_record import read_record, record_path
+
+    configs = read_record(record_path(run / "models", "finetune")).get("configs")
+    if not configs:
+        raise ExportError(f"The run record in {run / 'models'} does not name its bundle: give the bundle name too.")
+    return str(Path(configs).parent)
+
+
+def export_bundle(bundle: str | Path | None, out: str | Path, weights: str | Path | None = None, name: str | None = None,
+                  force: bool = False, make_zip: bool = True, run: str | Path | None = None,
+                  settings: dict | None = None) -> Path:
+    """Write ``<out>/<name>/`` (and ``<out>/<name>.zip``); returns the bundle folder.
+
+    ``run``: a training run's folder (its models/model.pt, models/mae_pretrain.pt and models/finetune_run.json);
+    ``settings``: top-level ids to set in the exported configs (after the run's). With weights, the export
+    fails unless they load strictly into the exported inference network."""
+    from selfmedmae_components.run_record import read_record, record_path
+
+    record, extra = None, []
+    if run is not None:
+        run = Path(run)
+        if not run.is_dir():
+            raise ExportError(f"--run {run}: no such folder (the bundle_root of a training run).")
+        try:
+            record = read_record(record_path(run / "models", "finetune"))
+        except (FileNotFoundError, ValueError) as e:
+            raise ExportError(f"--run {run}: {e} A run made before run records existed: give its settings with --set "
+                              "key=value (those of configs/demo.yaml for the README demo) or run fine-tuning again.") from e  # fmt: skip
+        weights = weights or run / "models" / "model.pt"
+        if (run / "models" / "mae_pretrain.pt").is_file():
+            extra.append(run / "models" / "mae_pretrain.pt")
+        bundle = bundle or bundle_of_run(run)
+    if bundle is None:
+        raise ExportError("Name the bundle (btcv_seg, brats_seg, cxr14_cls or a folder), or give --run.")
     src = Path(bundle)
     if not src.is_dir():
         src = REPO / "bundles" / str(bundle)
@@ -141,10 +315,22 @@ def export_bundle(bundle: str | Path, out: str | Path, weights: str | Path | Non
         _copy_package(stage)
         meta = json.loads((src / "configs" / "metadata.json").read_text())
         (stage / "configs" / "metadata.json").write_text(json.dumps(exported_metadata(meta), indent=4) + "\n")
+        inference = yaml.safe_load((src / "configs" / "inference.yaml").read_text())
+        chosen = run_settings(inference, record) if record is not None else {}
+        chosen.update(settings or {})
+        if chosen:
+            source = f"the training run {run}" if run is not None else "settings given at export"
+            apply_settings(stage / "configs", chosen, f"set by tools/export_bundle.py: {source}")
+            meta = describe(exported_metadata(meta), {k: inference.get(k) for k in chosen}, chosen, source)
+            (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
         if weights is not None:
             (stage / "models").mkdir()
             shutil.copy2(weights, stage / "models" / "model.pt")
-            _record_weights(stage, _sha256(stage / "models" / "model.pt"))
+            check_strict(stage, stage / "models" / "model.pt", weights)
+            for path in extra:
+                _check_weights(path)
+                shutil.copy2(path, stage / "models" / path.name)
+            _record_weights(stage, {p.name: _sha256(p) for p in sorted((stage / "models").glob("*.pt"))})
         if dest.exists():
             shutil.rmtree(dest)
         stage.rename(dest)
@@ -162,7 +348,11 @@ def export_bundle(bundle: str | Path, out: str | Path, weights: str | Path | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle", help="bundle name under bundles/ (btcv_seg, brats_seg, cxr14_cls) or a bundle folder")
+    parser.add_argument("bundle", nargs="?", help="bundle name under bundles/ (btcv_seg, brats_seg, cxr14_cls) or a bundle "
+                        "folder; optional with --run (the run record names it)")  # fmt: skip
+    parser.add_argument("--run", help="a training run's folder (its bundle_root): its weights, MAE weights and recorded settings")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a top-level id in the exported configs (VALUE as JSON, e.g. --set hidden_size=96)")
     parser.add_argument("--out", required=True, help="folder to write <name>/ and <name>.zip into")
     parser.add_argument("--weights", help="checkpoint to include as models/model.pt (tensors only)")
     parser.add_argument("--name", help="name of the exported bundle (default: the bundle's folder name)")
@@ -170,7 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-zip", action="store_true", help="write the folder only")
     args = parser.parse_args(argv)
     try:
-        dest = export_bundle(args.bundle, args.out, args.weights, args.name, args.force, not args.no_zip)
+        settings = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ExportError(f"--set {item!r}: expected KEY=VALUE")
+            try:
+                settings[key] = json.loads(value)
+            except json.JSONDecodeError:
+                settings[key] = value
+        dest = export_bundle(args.bundle, args.out, args.weights, args.name, args.force, not args.no_zip, args.run, settings)
     except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"export_bundle: {e}", file=sys.stderr)
         return 1
