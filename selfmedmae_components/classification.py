@@ -40,6 +40,7 @@ __all__ = [
 
 ABSENT = "n/a (absent)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")  # a radiograph as 3D Slicer saves it: one slice
 
 
 # ------------------------------------------------------------------------------------ metric
@@ -212,8 +213,8 @@ def _is_dicom(path: Path) -> bool:
 
 
 def find_images(input_dir: str | os.PathLike) -> list[str]:
-    """Sorted image files of a folder (not recursive): ``.png .jpg .jpeg .dcm`` (any case) and
-    extension-less files that carry the DICOM ``DICM`` preamble.
+    """Sorted image files of a folder (not recursive): ``.png .jpg .jpeg .dcm`` (any case), extension-less
+    files that carry the DICOM ``DICM`` preamble, and single-slice ``.nii .nii.gz .nrrd`` volumes.
 
     Raises:
         FileNotFoundError: the folder does not exist or holds no such file (the message names it).
@@ -223,7 +224,7 @@ def find_images(input_dir: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"Input folder not found: {folder} (set --input_dir, or --input_files to a list of images).")
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
     found = [os.fspath(p) for p in files
-             if p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == "" and _is_dicom(p))]
+             if p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower().endswith(VOLUME_SUFFIXES) or (p.suffix == "" and _is_dicom(p))]
     if not found:
         raise FileNotFoundError(f"No chest X-ray images in {folder}: expected {', '.join(IMAGE_SUFFIXES)} files "
                                 f"or extension-less DICOM files.")

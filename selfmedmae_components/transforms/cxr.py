@@ -55,8 +55,45 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_EXPECTED = "expected a 2D image PIL can read (PNG, JPEG, TIFF, ...) or a single-frame DICOM file"
+_EXPECTED = ("expected a 2D image PIL can read (PNG, JPEG, TIFF, ...), a single-frame DICOM file or a single-slice "
+             "NIfTI/NRRD volume")
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+# what 3D Slicer holds (and sends to MONAI Label) after loading a radiograph: a volume with one slice
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _is_volume(path: Path) -> bool:
+    return path.name.lower().endswith(_VOLUME_SUFFIXES)
+
+
+def _volume_to_unit(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
+    """A single-slice NIfTI/NRRD image -> float32 (rows, columns) in [0, 1] and its (row, column) spacing.
+
+    The volume's first axis runs along the image columns and its second along the rows (as ITK, nibabel
+    and 3D Slicer store a 2D image), so the slice is transposed to (rows, columns). 8- and 16-bit
+    unsigned data are scaled by 255 and 65535 (as a PNG of that depth), other data by their range.
+    """
+    from monai.transforms import LoadImage
+
+    try:
+        vol = LoadImage(image_only=True, dtype=None)(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a NIfTI/NRRD volume: {e}; {_EXPECTED}") from e
+    arr = np.asarray(vol)
+    spacing = np.sqrt((np.asarray(vol.affine, dtype=np.float64)[:3, :2] ** 2).sum(axis=0)) if arr.ndim >= 2 else (1.0, 1.0)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: a volume of shape {arr.shape}, not a single 2D slice; {_EXPECTED}")
+    if arr.dtype == np.uint8:
+        unit = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        unit = arr.astype(np.float32) / 65535.0
+    else:
+        arr = arr.astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        unit = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return np.ascontiguousarray(unit.T), (float(spacing[1]), float(spacing[0]))
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -127,8 +164,9 @@ class LoadChestXRay(Transform):
     """Load a chest radiograph as a float32 ``MetaTensor`` of shape (1, H, W) in [0, 1], air dark.
 
     Reads every PIL image mode (L, I;16, RGB, RGBA, ... -> grayscale; 16-bit data is scaled by
-    65535, not truncated to 8 bits) and DICOM (BitsStored-aware, signed or unsigned, rescale
-    slope/intercept applied, MONOCHROME1 inverted). DICOM is recognised by its ``DICM`` preamble
+    65535, not truncated to 8 bits), DICOM (BitsStored-aware, signed or unsigned, rescale
+    slope/intercept applied, MONOCHROME1 inverted) and single-slice NIfTI/NRRD volumes (what 3D Slicer
+    sends after loading a radiograph; see ``_volume_to_unit``). DICOM is recognised by its ``DICM`` preamble
     or a ``.dcm``/``.dicom`` suffix. The meta dict carries ``filename_or_obj`` and the affine holds
     the DICOM pixel spacing (row, column) when present.
 
@@ -152,7 +190,10 @@ class LoadChestXRay(Transform):
         with open(path, "rb") as f:
             is_dicom = f.read(132)[128:132] == b"DICM" or path.suffix.lower() in _DICOM_SUFFIXES
         spacing, fmt = (1.0, 1.0), "dicom" if is_dicom else "pil"
-        if is_dicom:
+        if not is_dicom and _is_volume(path):
+            arr, spacing = _volume_to_unit(path)
+            fmt = "volume"
+        elif is_dicom:
             arr, spacing = self._dicom(path, force=True)
         else:
             try:
