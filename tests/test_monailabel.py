@@ -8,11 +8,15 @@ is several GB). Run it with:
 
     python -m pytest -m monailabel tests/test_monailabel.py
 
-The bundles are exported by tools/export_bundle.py with random tiny weights and the tiny settings of
-tests/test_bundle_conformance.py written into their inference config (a CPU answers in seconds);
+The fixture follows docs/MONAI_LABEL.md as written, with the weights a newcomer has: a training run per
+bundle (the README demo's stages pretrain -> finetune, with the demo preset, tiny settings and one epoch
+each, so that a CPU answers in seconds) is exported with ``tools/export_bundle.py --run <run folder>``
+alone, the server is started with the doc's command (DICOM added to the datastore's file types), and:
 a demo image is uploaded, ``/infer/<bundle>`` is called and the returned label map is checked against
 the input (shape, affine) and the labels of the metadata's output ``channel_def``; for the classifier,
-the returned class names and scores are checked against the bundle's own inference on the same file.
+the returned class names and scores are checked against the bundle's own inference in the run folder
+on the same file, for a PNG, a DICOM file put in the studies folder and a 2-D NIfTI film (as 3D Slicer
+sends it).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from bundle_runner import REPO
 from test_bundle_conformance import CASES, skip_reason
@@ -72,14 +75,34 @@ def _upload(base: str, image_id: str, path: Path) -> None:
     _http("PUT", f"{base}/datastore/image?image={image_id}", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
-def _tiny_weights(bundle: str, path: Path) -> None:
-    from test_bundle_conformance import tiny_network
+def _tiny_run(bundle: str, dataset_dir: Path, run: Path) -> None:
+    """The README demo's training stages (pretrain -> finetune from the MAE encoder) with the demo preset and
+    the tiny settings, one epoch each, into the run folder ``run`` (its models/, as demo_runs/<bundle>/)."""
+    from bundle_runner import configs, run_bundle
 
-    torch.manual_seed(0)
-    state = tiny_network(bundle).state_dict()
-    if "head.weight" in state:  # the classifier's head starts near zero (all scores ~0.5): spread the scores
-        state["head.weight"] = torch.randn_like(state["head.weight"])
-    torch.save({"model": state}, path)
+    tiny = {k: json.dumps(v) for k, v in CASES[bundle].tiny.items()}
+    common = dict(dataset_dir=dataset_dir, bundle_root=run, max_epochs=1, amp=False, **tiny)
+    run_bundle("pretrain", configs(bundle, "pretrain", "demo"), **common)
+    run_bundle("finetune", configs(bundle, "finetune", "demo"), validation_mode="none", **common)
+    model = run / "models" / "model.pt"
+    state = torch.load(model, weights_only=True)
+    if "head.weight" in state["model"]:  # the classifier's head is still near zero after one epoch (all scores
+        # ~0.5): spread the scores, so that a mix-up of classes would show
+        torch.manual_seed(0)
+        state["model"]["head.weight"] = torch.randn_like(state["model"]["head.weight"])
+        torch.save(state, model)
+
+
+def _export(run: Path, model_dir: Path, name: str) -> Path:
+    """docs/MONAI_LABEL.md, section 2: ``python tools/export_bundle.py --run ... --out ... --no-zip [--name]``."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools/export_bundle.py"), "--run", str(run), "--out", str(model_dir),
+                           "--no-zip", "--name", name], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return model_dir / name
+
+
+# MONAI Label's default datastore file types leave out DICOM files: the doc adds them with this variable
+FILE_EXT = json.dumps(["*.nii.gz", "*.nii", "*.nrrd", "*.jpg", "*.png", "*.dcm"])
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +120,21 @@ def server(tmp_path_factory):
     sys.path.insert(0, str(REPO / "tools"))
     from export_bundle import export_bundle
 
-    inputs = {}
+    inputs, runs = {}, {}
     for b in bundles:
-        _, folder = CASES[b].make_data(root / f"{b}_data")
+        dataset_dir, folder = CASES[b].make_data(root / f"{b}_data")
         inputs[b] = sorted(folder.glob("*.nii*") if CASES[b].segmentation else folder.glob("*.png"))[0]
-        _tiny_weights(b, root / f"{b}.pt")
-        dest = export_bundle(b, app / "model", weights=root / f"{b}.pt", name=SERVED[b], make_zip=False)
-        cfg = dest / "configs" / "inference.yaml"
-        config = yaml.safe_load(cfg.read_text())
-        # MONAI Label reads inference.yaml alone: the demo preset and the tiny overrides go into it, so that
-        # the weights fit the network exactly (it loads non-strictly and would leave the rest random)
-        config.update(yaml.safe_load((dest / "configs" / "demo.yaml").read_text()))
-        config.update(CASES[b].tiny, amp=False)  # float32: the classifier's scores are compared with ours exactly
-        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        runs[b] = root / "runs" / b
+        _tiny_run(b, dataset_dir, runs[b])
+        _export(runs[b], app / "model", SERVED[b])
     studies = root / "studies"
     studies.mkdir()
+    if "cxr14_cls" in bundles:  # a DICOM chest film put straight into the studies folder
+        from cxr_helpers import write_dicom
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(inputs["cxr14_cls"]).convert("L"), dtype=np.uint16) * 257  # 8 -> 16 bit
+        write_dicom(studies / "film_dicom.dcm", pixels, "MONOCHROME2", bits_stored=16)
     port = _free_port()
     log = open(root / "server.log", "w")
     cmd = [*monailabel, "start_server", "--app", str(app), "--studies", str(studies),
@@ -119,7 +142,8 @@ def server(tmp_path_factory):
            "--conf", "zoo_source", "ngc",  # any source but the default monaihosting: local bundles, no zoo query
            "--conf", "sam2", "false",  # else the app adds SAM2, whose weights are downloaded
            "--conf", "skip_trainers", "true"]  # fmt: skip
-    env = dict(os.environ, PATH=f"{VENV / 'bin'}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PATH=f"{VENV / 'bin'}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               MONAI_LABEL_DATASTORE_FILE_EXT=FILE_EXT)  # fmt: skip
     env.pop("PYTHONPATH", None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -135,7 +159,7 @@ def server(tmp_path_factory):
                 if time.time() > deadline:
                     pytest.fail(f"MONAI Label did not answer in {STARTUP_TIMEOUT_S} s:\n{(root / 'server.log').read_text()[-6000:]}")
                 time.sleep(2)
-        yield base, info, inputs, app, root
+        yield base, info, inputs, app, root, runs
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started, by the server's own id
         try:
@@ -148,7 +172,7 @@ def server(tmp_path_factory):
 
 @pytest.mark.parametrize("bundle", SEG_BUNDLES)
 def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
-    base, info, inputs, app, root = server
+    base, info, inputs, app, root, runs = server
     if bundle not in inputs:
         pytest.skip(skip_reason(bundle) or f"{bundle} not served")
     assert bundle in info["models"], f"{bundle} not among the served models {list(info['models'])}: see {root / 'server.log'}"
@@ -172,12 +196,28 @@ def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
     assert values <= labels, f"label values {sorted(values)} outside the metadata's {sorted(labels)}"
 
 
+def _own_scores(runs: dict, image: Path, out: Path) -> list[float]:
+    """The bundle's own inference config on ``image`` in the run folder (its weights, the run's settings)."""
+    from bundle_runner import configs, run_bundle
+
+    run_bundle("inference", configs("cxr14_cls", "inference", "demo"), input_files=[str(image)], bundle_root=runs["cxr14_cls"],
+               output_file=out, **{k: json.dumps(v) for k, v in CASES["cxr14_cls"].tiny.items()})  # fmt: skip
+    return [float(v) for v in out.read_text().splitlines()[1].split(",")[1:]]
+
+
+def _classify(base: str, root: Path, name: str, image_id: str) -> list[dict]:
+    try:
+        answer = json.loads(_http("POST", f"{base}/infer/{name}?image={image_id}&output=json", b"",
+                                  {"Content-Type": "application/x-www-form-urlencoded"}))  # fmt: skip
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"/infer/{name}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
+    return answer["prediction"]
+
+
 def test_monailabel_classifies_an_uploaded_chest_xray(server, tmp_path):
     """MONAI Label appends its ``Restored`` step to every bundle's postprocessing; on the classifier's
     14-vector it must change nothing, and the scores must be the bundle's own."""
-    from bundle_runner import configs, run_bundle
-
-    base, info, inputs, app, root = server
+    base, info, inputs, app, root, runs = server
     if "cxr14_cls" not in inputs:
         pytest.skip(skip_reason("cxr14_cls") or "cxr14_cls not served")
     name = SERVED["cxr14_cls"]
@@ -188,19 +228,40 @@ def test_monailabel_classifies_an_uploaded_chest_xray(server, tmp_path):
 
     image = inputs["cxr14_cls"]
     _upload(base, image.stem, image)
-    try:
-        answer = json.loads(_http("POST", f"{base}/infer/{name}?image={image.stem}&output=json", b"",
-                                  {"Content-Type": "application/x-www-form-urlencoded"}))  # fmt: skip
-    except urllib.error.HTTPError as e:
-        pytest.fail(f"/infer/{name}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
-    prediction = answer["prediction"]
+    prediction = _classify(base, root, name, image.stem)
     assert [p["label"] for p in prediction] == [classes[str(i)].lower() for i in range(len(classes))]
 
-    # the same file through the bundle's own inference config (this repository, the same tiny weights)
-    out = tmp_path / "predictions.csv"
-    run_bundle("inference", configs("cxr14_cls", "inference", "demo"), input_files=[str(image)],
-               checkpoint=root / "cxr14_cls.pt", output_file=out, amp=False, **CASES["cxr14_cls"].tiny)  # fmt: skip
-    own = [float(v) for v in out.read_text().splitlines()[1].split(",")[1:]]
+    # the same file through the bundle's own inference config (this repository, the run's weights and settings)
+    own = _own_scores(runs, image, tmp_path / "predictions.csv")
     scores = [p["score"] for p in prediction]
     assert max(scores) - min(scores) > 0.1, scores  # distinct scores: a mix-up of classes would show
     np.testing.assert_allclose(scores, own, atol=1e-5)
+
+
+def test_monailabel_lists_and_classifies_a_dicom_film_in_the_studies_folder(server, tmp_path):
+    """With ``MONAI_LABEL_DATASTORE_FILE_EXT`` including ``*.dcm`` (docs/MONAI_LABEL.md), a DICOM file put in
+    the studies folder is listed and classified as the bundle's own inference classifies it."""
+    base, info, inputs, app, root, runs = server
+    if "cxr14_cls" not in inputs:
+        pytest.skip(skip_reason("cxr14_cls") or "cxr14_cls not served")
+    listed = json.loads(_http("GET", f"{base}/datastore/?output=all"))
+    assert "film_dicom" in listed.get("objects", listed), f"film_dicom.dcm not listed: {str(listed)[:2000]}"
+    prediction = _classify(base, root, SERVED["cxr14_cls"], "film_dicom")
+    own = _own_scores(runs, root / "studies" / "film_dicom.dcm", tmp_path / "predictions.csv")
+    np.testing.assert_allclose([p["score"] for p in prediction], own, atol=1e-5)
+
+
+def test_monailabel_classifies_a_2d_nifti_film(server, tmp_path):
+    """A chest film as 3D Slicer sends it after loading a PNG (a NIfTI volume with one slice) gets the PNG's scores."""
+    import itk
+
+    base, info, inputs, app, root, runs = server
+    if "cxr14_cls" not in inputs:
+        pytest.skip(skip_reason("cxr14_cls") or "cxr14_cls not served")
+    png = inputs["cxr14_cls"]
+    nifti = tmp_path / "film_nifti.nii.gz"
+    itk.imwrite(itk.imread(str(png)), str(nifti))
+    _upload(base, "film_nifti", nifti)
+    prediction = _classify(base, root, SERVED["cxr14_cls"], "film_nifti")
+    own = _own_scores(runs, png, tmp_path / "predictions.csv")
+    np.testing.assert_allclose([p["score"] for p in prediction], own, atol=1e-5)
