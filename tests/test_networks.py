@@ -1,4 +1,5 @@
-"""The MAE and ViT follow the MAE paper and the original SelfMedMAE code exactly: patch order, sine-cosine tables, masking, loss."""
+"""The MAE and ViT follow the MAE paper and the original SelfMedMAE code exactly: patch order, sine-cosine
+tables, masking, loss."""
 
 import math
 
@@ -193,11 +194,13 @@ def test_encoder_naming_contract_covers_every_tensor():
     enc = ViTEncoder(1, 32, 16, 3, hidden_size=48, num_layers=3, num_heads=4)
     names = list(enc.state_dict())
     assert enc.timm_name("blocks.2.attn.out_proj.weight") == "blocks.2.attn.proj.weight"
-    assert enc.timm_name("patch_embed.bias") == "patch_embed.proj.bias" and enc.timm_name("norm.weight") == "norm.weight"
+    assert enc.timm_name("patch_embed.bias") == "patch_embed.proj.bias"
+    assert enc.timm_name("norm.weight") == "norm.weight" and enc.timm_name("cls_token") == "cls_token"
     assert len({enc.timm_name(n) for n in names}) == len(names)
     layers = {n: enc.layer_id(n, 3) for n in names}
     assert layers["patch_embed.weight"] == layers["cls_token"] == layers["pos_embed"] == 0
-    assert layers["blocks.0.mlp.linear1.weight"] == 1 and layers["blocks.2.norm2.bias"] == 3 and layers["norm.weight"] == 4
+    assert layers["blocks.0.mlp.linear1.weight"] == 1 and layers["blocks.2.norm2.bias"] == 3
+    assert layers["norm.weight"] == 4
     assert enc.no_weight_decay() <= set(names) and enc.no_weight_decay(tokens=False) == {"pos_embed"}
     mae = tiny_mae()
     assert mae.no_weight_decay() <= set(mae.state_dict()) and "mask_token" in mae.no_weight_decay()

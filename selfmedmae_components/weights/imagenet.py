@@ -51,7 +51,7 @@ from .transfer import ENCODER_PREFIX, TransferReport
 
 logger = logging.getLogger(__name__)
 
-# (our tensor -> timm tensor: the encoder's ``timm_name``, networks/vit.py)
+# Checkpoints are read in timm's names; the encoder maps its own names to them (ViTEncoder.timm_name).
 # Hugging Face block tensor -> timm block tensor (query/key/value are concatenated into qkv)
 _HF_BLOCK_KEYS = {
     "layernorm_before": "norm1",
