@@ -71,6 +71,7 @@ class DemoRun:
         pretrain_epochs, finetune_epochs, val_interval: the two training stages' lengths.
         env: extra environment of the bundle stages.
         tiny: generator options for a set written in seconds (tests/test_registry.py).
+        default: run by ``tools/demo.py`` without ``--bundles`` (False: only when named, to keep the demo short).
     """
 
     make_args: tuple[str, ...]
@@ -81,6 +82,7 @@ class DemoRun:
     val_interval: int
     env: dict[str, str] = field(default_factory=dict)
     tiny: dict[str, Any] = field(default_factory=dict)
+    default: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,27 @@ DATASETS: tuple[Dataset, ...] = (
         ),  # fmt: skip
         benchmark=BenchmarkPreset(sw_size=None, data_shape=(1024, 1024)),
         data_benchmark_cases=500,
+    ),
+    Dataset(
+        name="msd",
+        title="any Medical Segmentation Decathlon-format dataset (channels, labels from its dataset.json)",
+        bundle="msd_seg",
+        aliases=("decathlon",),
+        prepare="selfmedmae_components.data.msd:prepare_datalist",
+        prepare_usage="/data/Task09_Spleen [--output PATH] [--eval_fraction 0.2] [--num_val_cases N] [--seed 0] "
+        "[--check_files False] [--normalization window|zscore] [--hu_window [-100,240]] [--pixdim [1.5,1.5,2.0]] "
+        "[--roi_size [96,96,96]]",
+        demo="selfmedmae_components.data.demo.msd",
+        geometry=Geometry(
+            # Task09_Spleen as the example: 41 labelled CTs of 512 x 512 x 31-168 slices, ~0.8 x 0.8 x 5 mm
+            spatial_dims=3, channels=1, shape=(512, 512, 90), spacing=(0.79, 0.79, 5.0), labels="classes",
+            cases={"pretrain": (42, 0), "finetune": (30, 3)}, pretrain_keys=("image",),
+        ),  # fmt: skip
+        demo_run=DemoRun(
+            make_args=(), dataset="Task90_DemoProstateMR", input="imagesTs", pretrain_epochs=20, finetune_epochs=30,
+            val_interval=10, tiny={"num_cases": 6, "num_test_cases": 1, "shape": (24, 24, 12)}, default=False,
+        ),  # fmt: skip
+        benchmark=BenchmarkPreset(sw_size=(256, 256, 128), data_shape=(256, 256, 64)),
     ),
 )
 

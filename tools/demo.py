@@ -2,7 +2,8 @@
 
     make demo data (download layout) -> tools/prepare.py -> pretrain -> finetune -> evaluate -> inference
 
-    python tools/demo.py                 # every bundle of the registry (btcv_seg, brats_seg, cxr14_cls)
+    python tools/demo.py                 # the registry's default bundles (btcv_seg, brats_seg, cxr14_cls)
+    python tools/demo.py --bundles msd_seg   # opt-in: any MSD-format dataset (a generated 2-channel MR)
     python tools/demo.py --bundles btcv_seg --workdir demo_runs     # (or the dataset's name: btcv)
     python tools/demo.py --amp False     # float32, as on a CPU without native bf16 (default: the configs' amp)
 
@@ -159,7 +160,7 @@ def stages(bundle: str, workdir: Path, amp: bool | str | None = None) -> list[tu
         ("finetune", bundle_run + ["finetune", "--config_file", cfg("finetune"), *common, *amp_arg,
                                    "--max_epochs", str(spec.finetune_epochs), "--val_interval", str(spec.val_interval)], env),
         ("evaluate", bundle_run + ["evaluate", "--config_file", cfg("evaluate"), *common, *amp_arg], env),
-        ("inference", bundle_run + ["inference", "--config_file", cfg("inference"), "--bundle_root", str(out), *amp_arg,
+        ("inference", bundle_run + ["inference", "--config_file", cfg("inference"), *common, *amp_arg,
                                     "--input_dir", str(dataset_dir / spec.input)], env),
     ]  # fmt: skip
 
@@ -183,7 +184,7 @@ def run_demo(bundle: str, workdir: Path, amp: bool | str | None = None) -> None:
     print(f"TensorBoard:          tensorboard --logdir {out / 'logs'}")
 
 
-def main(bundles: str | tuple = tuple(d.bundle for d in registry.DATASETS), workdir: str = "demo_runs",
+def main(bundles: str | tuple = tuple(d.bundle for d in registry.DATASETS if d.demo_run.default), workdir: str = "demo_runs",
          amp: bool | str | None = None) -> None:  # fmt: skip
     """Run the demo for the given bundles (comma-separated or a list; bundle folders or dataset names) into
     ``workdir``; ``amp`` overrides the configs' mixed-precision switch (``--amp False``: float32 throughout)."""
