@@ -642,7 +642,10 @@ def data_pipeline(preset: str, data_dir: str | None, n_volumes: int, items_per_c
         for config in ("pretrain", "finetune"):
             try:
                 parser = bundle_parser(preset, config, {"cache_rate": 1.0, "num_workers": 0})
-                keys = setting(parser, "train#keys") or setting(parser, "keys") or ["image"]
+                # the config's keys; else (cxr14) what the stage reads: pre-training the registry's pretrain_keys,
+                # fine-tuning images and labels (the fallback ["image"] dropped cxr14's labels: finetune failed)
+                default = list(registry.get(preset).geometry.pretrain_keys) if config == "pretrain" else list(items[0])
+                keys = setting(parser, "train#keys") or setting(parser, "keys") or default
                 data = [{k: d[k] for k in (keys if isinstance(keys, list) else [keys]) if k in d} for d in items]
                 if config == "pretrain":  # what pre-training reads (cxr14: the images only)
                     data = [{k: v for k, v in d.items() if k in registry.get(preset).geometry.pretrain_keys} for d in data]
