@@ -139,3 +139,44 @@ def test_export_of_a_trained_run_predicts_as_the_run(bundle, data, tmp_path):
             np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
     else:
         assert (root / "predictions" / "predictions.csv").read_text() == (own / "predictions.csv").read_text()
+
+
+# what monailabel 0.8.5's BundleTrainTask does with configs/train.yaml (tasks/train/bundle.py: __call__ with
+# val_split 0 and pretrained false, then run_single_gpu), in a subprocess: argv = bundle folder, datalist JSON
+MONAILABEL_TRAIN = r"""
+import json, sys, torch, monai.bundle
+from monai.bundle import ConfigParser
+bundle, data = sys.argv[1], json.loads(open(sys.argv[2]).read())
+config = ConfigParser()
+config.read_config(f"{bundle}/configs/train.yaml")
+config.config.update({"bundle_root": bundle})
+overrides = {"bundle_root": bundle, "train#trainer#max_epochs": 1, "train#dataset#data": data, "device": torch.device("cpu"),
+             "train#handlers": config.get("train#handlers", []), "validate#dataset#data": [],
+             "init_mode": "scratch", "num_workers": 0}  # (not MONAI Label's: random weights here, a quick run)
+sys.path.insert(0, bundle)
+monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=f"{bundle}/configs/metadata.json",
+                 config_file=f"{bundle}/configs/train.yaml", **overrides)
+"""
+
+
+def test_exported_train_config_runs_as_monailabel_runs_it(bundle, run, data, tmp_path):
+    """Segmentation bundles export configs/train.yaml for MONAI Label's bundle trainer: given the ids it sets
+    (datastore images and labels, max epochs, device, handlers), it trains and publishes models/model.pt."""
+    proc = subprocess.run([*EXPORT, bundle, "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    root = tmp_path / "dist" / bundle
+    if not CASES[bundle].segmentation:
+        assert not (root / "configs" / "train.yaml").exists()  # MONAI Label trains bundles on label maps
+        return
+    dataset_dir, _ = data
+    cases = json.loads((dataset_dir / "datalist.json").read_text())["training"][:2]
+    datalist = tmp_path / "datastore.json"
+    datalist.write_text(json.dumps([{k: str(dataset_dir / c[k]) for k in ("image", "label")} for c in cases]))
+    before = (root / "models" / "model.pt").read_bytes()
+    proc = subprocess.run([sys.executable, "-c", MONAILABEL_TRAIN, str(root), str(datalist)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (root / "models" / "model.pt").read_bytes() != before
+    net = tiny_network(bundle)
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True)["model"], strict=True)

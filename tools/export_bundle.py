@@ -249,6 +249,49 @@ def check_strict(bundle: Path, weights: Path, shown: Path | None = None) -> None
         ) from e
 
 
+# ---- MONAI Label's training: configs/train.yaml for the stock monaibundle app's BundleTrainTask
+
+# MONAI Label (monailabel 0.8.5, tasks/train/bundle.py) runs `run` of configs/train.yaml (one file, no
+# layering) and overrides bundle_root, device, train#trainer#max_epochs, train#dataset#data (the
+# datastore's labelled images), validate#dataset#data (a split of them) and train#handlers (a
+# CheckpointLoader of models/model.pt is put first when the request says pretrained=true). The layer below
+# makes finetune.yaml read those ids: the datalist file is the default of train#dataset#data instead of
+# train#data's, max_epochs follows the trainer's, the warm-up fits a few epochs, and the last weights are
+# published as models/model.pt (no holdout selection: the labelled images are few), which MONAI Label's
+# next /infer loads. init_mode stays `mae`: the encoder starts from models/mae_pretrain.pt (the run's MAE
+# weights, shipped by --run) unless the request continues from model.pt (pretrained=true).
+MONAILABEL_TRAIN = {
+    "train#data": "@train#dataset#data",
+    "validate#data": "@validate#dataset#data",
+    "train#trainer#max_epochs": 50,
+    "max_epochs": "@train#trainer#max_epochs",
+    "warmup_epochs": "$max(1, @max_epochs // 10)",
+    "validation_mode": "none",
+}
+
+
+def write_monailabel_train(configs: Path) -> Path:
+    """configs/train.yaml: finetune.yaml with the ids MONAI Label's bundle trainer sets (one merged file)."""
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_file(str(configs / "finetune.yaml"))
+    header = (
+        "# MONAI Label's training config (written by tools/export_bundle.py): finetune.yaml with the ids the\n"
+        "# monaibundle app's BundleTrainTask sets (train#dataset#data, train#trainer#max_epochs, ...).\n"
+        "# Outside MONAI Label it runs as finetune.yaml does (--dataset_dir ...), keeping the last weights.\n"
+    )
+    parser = ConfigParser(config)
+    layer = dict(MONAILABEL_TRAIN)
+    layer["train#dataset#data"] = parser["train"]["data"]
+    layer["validate#dataset#data"] = parser["validate"]["data"]
+    for key, value in layer.items():
+        parser[key] = value
+    out = {k: v for k, v in parser.get().items() if k != "_meta_"}
+    path = configs / "train.yaml"
+    path.write_text(header + yaml.safe_dump(out, sort_keys=False, width=120))
+    return path
+
+
 def bundle_of_run(run: Path) -> str:
     """The bundle a run folder was trained with (the record's config folder), for ``--run`` without a bundle."""
     from selfmedmae_components.run_record import read_record, record_path
@@ -323,6 +366,9 @@ def export_bundle(bundle: str | Path | None, out: str | Path, weights: str | Pat
             apply_settings(stage / "configs", chosen, f"set by tools/export_bundle.py: {source}")
             meta = describe(exported_metadata(meta), {k: inference.get(k) for k in chosen}, chosen, source)
             (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
+        outputs = meta.get("network_data_format", {}).get("outputs", {})
+        if (stage / "configs" / "finetune.yaml").is_file() and any(o.get("type") == "image" for o in outputs.values()):
+            write_monailabel_train(stage / "configs")  # segmentation: MONAI Label trains on its saved label maps
         if weights is not None:
             (stage / "models").mkdir()
             shutil.copy2(weights, stage / "models" / "model.pt")
