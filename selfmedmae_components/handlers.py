@@ -17,7 +17,7 @@ from monai.utils import CommonKeys
 from PIL import Image
 
 from .checkpointing import AtomicCheckpointSaver, attach_resume  # noqa: F401  (the configs name them here)
-from .data.common import write_text_atomic
+from .io import write_text_atomic
 from .wrappers import unwrap
 
 logger = logging.getLogger(__name__)
