@@ -1,0 +1,178 @@
+"""msd_seg end to end on two generated MSD-format datasets of different kinds, with the same configs and no edit
+between them:
+
+    mr: 2-channel MR (T2, ADC), 2 labels, z-score    through the MONAI bundle runner, as a user runs it:
+                                                     pretrain -> finetune -> evaluate -> inference; and the
+                                                     evaluation of an untrained network, for comparison
+    ct: 1-channel CT, 3 labels, HU window            the same four stages, shorter, through monai.bundle.run in
+                                                     this process (no interpreter start-up per stage)
+
+Everything dataset-specific (channels, classes, label names, intensity, spacing, ROI) comes from the datalist
+that data.msd.prepare_datalist derives; the only overrides are the demo preset and a narrower ViT.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bundle_runner import REPO, configs, read_losses, run_bundle
+from selfmedmae_components.data import msd
+from selfmedmae_components.data.demo import msd as demo
+
+BUNDLE = "msd_seg"
+TINY = {"hidden_size": 48}
+LAYOUTS = {  # generator options, (pretrain, finetune) epochs
+    "mr": (dict(layout="mr", num_cases=10, num_test_cases=1, shape=(40, 40, 20)), (8, 20)),
+    "ct": (dict(layout="ct", num_cases=6, num_test_cases=1, shape=(36, 36, 24)), (2, 2)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One thread per bundle run: far faster than two when other jobs share the CPU, and kinder to them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
+def run_here(run_id: str, *names: str, **overrides) -> None:
+    """``monai.bundle.run`` in this process (the configs as the runner reads them, without its start-up)."""
+    from monai.bundle import run
+
+    files = [str(REPO / "bundles" / BUNDLE / "configs" / f"{n}.yaml") for n in names]
+    run(run_id, config_file=files, **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """{layout: (dataset_dir, bundle_root)}: each layout generated, prepared and run through all four stages once."""
+    out = {}
+    for layout, (options, (pre_epochs, fine_epochs)) in LAYOUTS.items():
+        root = tmp_path_factory.mktemp(f"msd_{layout}")
+        dataset = Path(demo.make_demo(root / "data", **options))
+        msd.prepare_datalist(dataset, eval_fraction=0.25, num_val_cases=1)
+        bundle_root = root / "bundle"
+        common = dict(dataset_dir=dataset, bundle_root=bundle_root, **TINY)
+        # mask ratio 0.5: half the few tokens of the small ROI masked, a less noisy loss than the default's
+        stages = [("pretrain", dict(max_epochs=pre_epochs, mask_ratio=0.5)),
+                  ("finetune", dict(max_epochs=fine_epochs, val_interval=fine_epochs // 2)),
+                  ("evaluate", {}), ("inference", dict(input_dir=dataset / "imagesTs"))]  # fmt: skip
+        for stage, extra in stages:
+            if layout == "mr":  # plain `run` (no id) for inference, as MONAI tools call a bundle
+                run_bundle(None if stage == "inference" else stage, configs(BUNDLE, stage, "demo"), **common, **extra)
+            else:
+                run_here(stage, stage, "demo", **common, **extra)
+        out[layout] = (dataset, bundle_root)
+    return out
+
+
+@pytest.fixture(scope="module")
+def untrained_mr(runs) -> dict:
+    """The evaluation summary of the MR layout's UNETR with random weights (the same configs and seed)."""
+    from monai.bundle import ConfigParser
+
+    dataset, bundle_root = runs["mr"]
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / BUNDLE / "configs" / f"{n}.yaml") for n in ("evaluate", "demo")])
+    parser.update({"dataset_dir": str(dataset), "device": "$torch.device('cpu')", **TINY})
+    torch.manual_seed(0)
+    checkpoint = bundle_root / "untrained.pt"
+    torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, checkpoint)
+    out_dir = bundle_root / "eval_untrained"
+    run_here("evaluate", "evaluate", "demo", dataset_dir=dataset, bundle_root=bundle_root, checkpoint=checkpoint,
+             output_dir=out_dir, **TINY)  # fmt: skip
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_network_is_built_from_the_datalist(runs, layout):
+    dataset, bundle_root = runs[layout]
+    props = msd.dataset_properties(dataset / "datalist.json")
+    expected = {"mr": (2, 3, "zscore"), "ct": (1, 4, "window")}[layout]
+    assert (props["channels"], props["out_channels"], props["normalization"]) == expected
+    network = json.loads((bundle_root / "models" / "finetune_run.json").read_text())["network"]
+    assert (network["in_channels"], network["out_channels"]) == expected[:2]
+    assert network["img_size"] == props["roi_size"] and all(v % 16 == 0 for v in props["roi_size"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pretrain_loss_falls(runs, layout):
+    _, bundle_root = runs[layout]
+    assert (bundle_root / "models" / "mae_pretrain.pt").is_file()
+    losses = read_losses(bundle_root / "logs" / "pretrain" / "loss.csv")
+    assert len(losses) == LAYOUTS[layout][1][0] and losses[-1] < losses[0], losses
+    assert (bundle_root / "logs" / "pretrain" / "reconstruction_latest.png").is_file()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_evaluation_names_the_datasets_labels(runs, layout):
+    dataset, bundle_root = runs[layout]
+    names = list(demo.LAYOUTS[layout]["labels"].values())[1:]
+    with open(bundle_root / "eval" / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    evaluation = json.loads((dataset / "datalist.json").read_text())["evaluation"]
+    assert [r["case"] for r in rows] == [Path(i["image"]).name for i in evaluation]
+    assert set(rows[0]) == {"case"} | {f"{m}_{n}" for m in ("dice", "hd95") for n in names}
+    summary = json.loads((bundle_root / "eval" / "summary.json").read_text())
+    assert list(summary["per_class"]["dice"]) == names and summary["num_cases"] == len(evaluation)
+
+
+def test_mr_dice_clearly_above_an_untrained_network(runs, untrained_mr):
+    _, bundle_root = runs["mr"]
+    trained = json.loads((bundle_root / "eval" / "summary.json").read_text())
+    dice, chance = trained["groups"]["all labels"]["dice"], untrained_mr["groups"]["all labels"]["dice"]
+    assert dice > max(0.5, chance + 0.3), f"mean Dice {dice:.3f}, untrained {chance:.3f}"
+    assert all(np.isfinite(v) for v in trained["per_class"]["hd95"].values())
+    losses = read_losses(bundle_root / "logs" / "finetune" / "loss.csv")
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inference_in_the_input_geometry(runs, layout):
+    dataset, bundle_root = runs[layout]
+    inputs = sorted((dataset / "imagesTs").glob("*.nii.gz"))
+    assert sorted(p.name for p in (bundle_root / "predictions").iterdir()) == [
+        p.name.replace(".nii.gz", "_seg.nii.gz") for p in inputs
+    ]
+    for image_file in inputs:
+        image = nib.load(image_file)
+        seg = nib.load(bundle_root / "predictions" / image_file.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert seg.shape == image.shape[:3] and seg.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(seg.affine, image.affine, atol=1e-4)
+        values = set(np.unique(np.asarray(seg.dataobj)).tolist())
+        assert values <= set(range(len(demo.LAYOUTS[layout]["labels"]))), values
+    if layout == "mr":  # the trained one finds its labels
+        assert values & {1, 2}, values
+
+
+def test_overrides_beat_the_derived_defaults(runs):
+    """Each derived default is a top-level id: an override wins and what derives from it follows."""
+    from monai.bundle import ConfigParser
+
+    dataset, _ = runs["mr"]
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / BUNDLE / "configs" / f"{n}.yaml") for n in ("finetune", "demo")])
+    parser.update({"dataset_dir": str(dataset), "roi_size": [48, 48, 32], "normalization": "window", "hu_min": 0,
+                   "hu_max": 100, **TINY})  # fmt: skip
+    assert parser.get_parsed_content("network_def#img_size") == [48, 48, 32]
+    assert parser.get_parsed_content("train#augmentation#0#spatial_size") == [48, 48, 32]
+    intensity = parser.get_parsed_content("preprocessing#3")
+    assert type(intensity).__name__ == "ScaleIntensityRanged" and intensity.scaler.a_max == 100
+
+
+def test_missing_datalist_names_the_prepare_tool(tmp_path):
+    (tmp_path / "dataset.json").write_text("{}")
+    with pytest.raises(RuntimeError) as raised:  # MONAI's "Failed to evaluate ...", from our error
+        run_here("pretrain", "pretrain", "demo", dataset_dir=tmp_path, bundle_root=tmp_path)
+    cause = raised.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, FileNotFoundError) and "tools/prepare.py msd" in str(cause), cause
