@@ -73,8 +73,8 @@ def read_dataset_json(root: Path) -> tuple[dict, list[dict], list[str]]:
         raise DatasetError(f"MSD dataset folder {root} does not exist. {LAYOUT}")
     path = root / "dataset.json"
     if not path.is_file():
-        inner = sorted(p.name for p in root.glob("*/dataset.json"))
-        hint = f" Pass its subfolder {inner[0].split('/')[0]}." if inner else ""
+        inner = sorted(p.parent.name for p in root.glob("*/dataset.json"))
+        hint = f" Pass its subfolder {inner[0]}." if inner else ""
         raise DatasetError(f"{path}: missing.{hint} {LAYOUT}")
     try:
         meta = json.loads(path.read_text())
