@@ -17,7 +17,8 @@ from monai.bundle import ConfigParser
 from monai.transforms import CenterSpatialCropd, Compose
 
 from bundle_runner import REPO
-from selfmedmae_components.data import btcv, cxr14, msd_brats
+from selfmedmae_components.data import btcv, cxr14, msd, msd_brats
+from selfmedmae_components.data.demo import msd as msd_demo
 
 STAGES = ("pretrain", "finetune", "evaluate", "inference")
 # the id of each stage's deterministic pipeline: the cached part of MAE training, fine-tuning's validation
@@ -25,11 +26,12 @@ STAGES = ("pretrain", "finetune", "evaluate", "inference")
 PIPELINE = {"pretrain": "train#preprocessing", "finetune": "validate#preprocessing", "evaluate": "preprocessing",
             "inference": "preprocessing"}
 # segmentation: a ROI smaller than the demo volumes, so that no stage pads (only training pads to the ROI)
-OVERRIDES = {"btcv_seg": {"roi_size": [16, 16, 16]}, "brats_seg": {"roi_size": [16, 16, 16]}, "cxr14_cls": {}}
+OVERRIDES = {"btcv_seg": {"roi_size": [16, 16, 16]}, "brats_seg": {"roi_size": [16, 16, 16]}, "cxr14_cls": {},
+             "msd_seg": {"roi_size": [16, 16, 16]}}
 # float16 caches keep [0, 1] CT to 2.4e-4 and z-scores to 1e-3 relative; 8-bit levels of chest films, normalised by
 # std 0.225, to 1/255/0.225 = 0.017
 TOLERANCE = {"btcv_seg": dict(rtol=0, atol=5e-4), "brats_seg": dict(rtol=2e-3, atol=2e-3),
-             "cxr14_cls": dict(rtol=0, atol=0.018)}
+             "cxr14_cls": dict(rtol=0, atol=0.018), "msd_seg": dict(rtol=2e-3, atol=2e-3)}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,8 @@ def cases(tmp_path_factory):
     btcv_dir = Path(btcv.make_demo(root / "btcv", num_test_cases=0, shape=(64, 64, 24)))
     brats_dir = Path(msd_brats.make_demo(root / "brats", num_cases=1, num_test_cases=0, shape=(48, 48, 32)))
     cxr_dir = Path(cxr14.make_demo(root / "cxr14", num_images=40, image_size=256, seed=0))
+    msd_dir = Path(msd_demo.make_demo(root / "msd", layout="mr", num_cases=4, num_test_cases=0, shape=(48, 48, 24)))
+    msd.prepare_datalist(msd_dir, eval_fraction=0.25, num_val_cases=1)  # the stages read its derived settings
     first = lambda folder, pattern: str(sorted(folder.glob(pattern))[0])  # noqa: E731
     return {
         "btcv_seg": ({"image": first(btcv_dir, "RawData/Training/img/*.nii.gz"),
@@ -46,6 +50,8 @@ def cases(tmp_path_factory):
         "brats_seg": ({"image": first(brats_dir, "imagesTr/BRATS_*.nii.gz"), "label": first(brats_dir, "labelsTr/BRATS_*.nii.gz")},
                       brats_dir),
         "cxr14_cls": ({"image": first(cxr_dir, "images/*.png"), "label": np.zeros(14, np.float32)}, cxr_dir),
+        "msd_seg": ({"image": first(msd_dir, "imagesTr/demo*.nii.gz"), "label": first(msd_dir, "labelsTr/demo*.nii.gz")},
+                    msd_dir),
     }
 
 
@@ -70,7 +76,7 @@ def stage_image(bundle: str, stage: str, case: dict, dataset_dir) -> np.ndarray:
     return torch.as_tensor(out["image"]).float().numpy()
 
 
-@pytest.mark.parametrize("bundle", ["btcv_seg", "brats_seg", "cxr14_cls"])
+@pytest.mark.parametrize("bundle", ["btcv_seg", "brats_seg", "cxr14_cls", "msd_seg"])
 def test_every_stage_feeds_the_network_the_same_image(bundle, cases):
     case, dataset_dir = cases[bundle]
     images = {stage: stage_image(bundle, stage, case, dataset_dir) for stage in STAGES}
