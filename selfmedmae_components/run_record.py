@@ -10,8 +10,9 @@ overrides of the run. The training configs call :func:`record_run` at the start 
      "settings": {"roi_size": [48, 48, 48], "pixdim": [4.0, 4.0, 5.0], "hidden_size": 96, ...}}
 
 ``network`` holds the resolved arguments of the config's ``network_def`` (what the weights were trained
-in), ``settings`` every top-level id whose value is plain data (numbers, strings, lists), after the
-config files were layered and the command-line overrides applied. ``tools/export_bundle.py --run``
+in), ``settings`` the value of every top-level id that is plain data (numbers, strings, flat lists) or an
+expression computed from such ids only (e.g. ``pixel_mean: $[0.5] * @in_channels``), after the config files
+were layered and the command-line overrides applied. ``tools/export_bundle.py --run``
 reads it to export a bundle whose configs build exactly that network.
 """
 
@@ -20,12 +21,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from .io import write_json_atomic
 
-__all__ = ["RECORD_SUFFIX", "record_path", "read_record", "record_run"]
+__all__ = ["RECORD_SUFFIX", "read_record", "record_path", "record_run", "top_level_refs"]
 
 RECORD_SUFFIX = "_run.json"
 
@@ -74,6 +76,43 @@ def _plain(value: Any) -> bool:
     return False
 
 
+# a reference to a top-level id (also inside `$` expressions); `@train#data` (an item of a section) is not one
+TOP_LEVEL_REF = re.compile(r"@([A-Za-z_]\w*)(?![\w#])")
+
+
+def top_level_refs(value: Any) -> set[str]:
+    """The top-level ids a config value refers to (``@id``, also inside expressions), at any depth."""
+    if isinstance(value, str):
+        return set(TOP_LEVEL_REF.findall(value))
+    if isinstance(value, dict):
+        return set().union(set(), *(top_level_refs(v) for v in value.values()))
+    if isinstance(value, (list, tuple)):
+        return set().union(set(), *(top_level_refs(v) for v in value))
+    return set()
+
+
+def _has_section_refs(value: Any) -> bool:
+    return isinstance(value, str) and re.search(r"@[A-Za-z_]\w*#", value) is not None
+
+
+def _derived(config: dict, key: str, seen: set[str]) -> bool:
+    """Whether top-level ``key`` is plain data or an expression computed from such ids only (no sections,
+    no components): safe to resolve, e.g. ``pixel_mean: $[0.5] * @in_channels``."""
+    value = config.get(key)
+    if _plain(value):
+        return True
+    if not isinstance(value, str) or not value.startswith(("$", "@")) or _has_section_refs(value) or key in seen:
+        return False
+    seen = seen | {key}
+    return all(ref in config and _derived(config, ref, seen) for ref in top_level_refs(value))
+
+
+def _flat(value: Any) -> bool:
+    """A number, string, bool or None, or a flat list of those."""
+    scalar = (bool, int, float, str, type(None))
+    return isinstance(value, scalar) or isinstance(value, (list, tuple)) and all(isinstance(v, scalar) for v in value)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
@@ -91,11 +130,29 @@ def record_run(ckpt_dir: str | os.PathLike, stage: str, is_main_process: bool = 
 
         - $selfmedmae_components.run_record.record_run(@ckpt_dir, 'finetune', @is_main_process)
     """
-    if not is_main_process:
+    global _recording
+    if not is_main_process or _recording:  # (resolving the settings may evaluate the id that called us)
         return None
+    _recording = True
+    try:
+        return _record(ckpt_dir, stage, network_id)
+    finally:
+        _recording = False
+
+
+_recording = False
+
+
+def _record(ckpt_dir: str | os.PathLike, stage: str, network_id: str) -> Path:
     parser, configs = _running_parser()
     config = parser.get()
-    settings = {k: _jsonable(v) for k, v in config.items() if k not in ("_meta_", "imports") and _plain(v)}
+    settings = {}
+    for key, value in config.items():
+        if key in ("_meta_", "imports") or not _derived(config, key, set()):
+            continue
+        resolved = value if _plain(value) else parser.get_parsed_content(key)
+        if _flat(resolved):
+            settings[key] = _jsonable(resolved)
     net_cfg = parser.get(network_id)
     if not isinstance(net_cfg, dict) or "_target_" not in net_cfg:
         raise ValueError(f"record_run: the config has no component `{network_id}` to record.")

@@ -28,13 +28,13 @@ from test_export import isolated
 EXPORT = [sys.executable, str(REPO / "tools/export_bundle.py")]
 
 
-def _record(bundle: str, run: Path) -> dict:
+def _record(bundle: str, run: Path, layers: tuple[str, ...] = ("demo",)) -> dict:
     """models/finetune_run.json for the demo preset + tiny overrides, written by the finetune config's own
     ``record_run`` call (evaluated by a ConfigParser, as the bundle runner does)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(configs_of(bundle, "finetune", "demo"))
+    parser.read_config(configs_of(bundle, "finetune", *layers))
     parser.read_meta(meta_file(bundle))
     parser.update(dict(CASES[bundle].tiny, bundle_root=str(run)))
     parser["record"] = "$selfmedmae_components.run_record.record_run(@ckpt_dir, 'finetune', @is_main_process)"
@@ -93,6 +93,21 @@ def test_export_of_a_run_builds_the_trained_network(bundle, run, tmp_path):
     assert "ViT-B/16" not in meta["description"] and "width 48" in meta["description"]
     size = CASES[bundle].input_shape[2:]
     assert tuple(meta["network_data_format"]["inputs"]["image"]["spatial_shape"]) == tuple(size)
+
+
+def test_a_computed_preprocessing_setting_travels_too(tmp_path):
+    """cxr14_cls under paper.yaml normalises with the original's mean/std, an expression (`$[0.5] * @in_channels`):
+    the record holds its value and the export writes it into the inference config."""
+    run = tmp_path / "run"
+    record = _record("cxr14_cls", run, ("demo", "paper"))
+    assert record["settings"]["pixel_mean"] == [0.5, 0.5, 0.5] and record["settings"]["pixel_std"] == [0.225] * 3
+    torch.manual_seed(0)
+    torch.save({"model": tiny_network("cxr14_cls").state_dict()}, run / "models" / "model.pt")
+    proc = subprocess.run([*EXPORT, "cxr14_cls", "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    inference = yaml.safe_load((tmp_path / "dist" / "cxr14_cls" / "configs" / "inference.yaml").read_text())
+    assert inference["pixel_mean"] == [0.5, 0.5, 0.5] and inference["pixel_std"] == [0.225] * 3
 
 
 def test_export_refuses_weights_that_do_not_fit(bundle, run, tmp_path):

@@ -122,29 +122,21 @@ def _record_weights(bundle: Path, hashes: dict[str, str]) -> None:
 # ---- the network a run trained: its settings into the exported configs, checked by a strict load
 
 NOT_NETWORK_ARGS = ("drop_path_rate", "activation_checkpointing")  # training-only: inference sets its own
-REF = re.compile(r"@([A-Za-z_][\w]*)")  # a reference to a top-level id (also inside `$` expressions)
-
-
-def _refs(value) -> set[str]:
-    if isinstance(value, str):
-        return set(REF.findall(value))
-    if isinstance(value, dict):
-        return set().union(*(_refs(v) for v in value.values())) if value else set()
-    if isinstance(value, (list, tuple)):
-        return set().union(*(_refs(v) for v in value)) if value else set()
-    return set()
+REF = re.compile(r"@([A-Za-z_][\w]*)")  # a whole value that is one reference: `img_size: '@roi_size'`
 
 
 def network_ids(config: dict, roots: tuple[str, ...] = ("network_def", "preprocessing")) -> set[str]:
     """The top-level ids that ``roots`` read, directly or through other top-level ids."""
+    from selfmedmae_components.run_record import top_level_refs
+
     seen: set[str] = set()
-    todo = set().union(*(_refs(config.get(r)) for r in roots))
+    todo = set().union(*(top_level_refs(config.get(r)) for r in roots))
     while todo:
         key = todo.pop()
         if key in seen or key not in config:
             continue
         seen.add(key)
-        todo |= _refs(config[key])
+        todo |= top_level_refs(config[key])
     return seen
 
 
