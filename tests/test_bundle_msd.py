@@ -176,3 +176,68 @@ def test_missing_datalist_names_the_prepare_tool(tmp_path):
     while cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, FileNotFoundError) and "tools/prepare.py msd" in str(cause), cause
+
+
+# ---- model-zoo conformance, with the checks tests/test_bundle_conformance.py runs on the other bundles
+
+
+def test_bundle_files_and_metadata_conform():
+    import test_bundle_conformance as conformance  # its checks, called here (its parametrisation is the fixed bundles')
+
+    conformance.test_metadata_matches_the_schema(BUNDLE)
+    conformance.test_licence_model_card_and_data_licence(BUNDLE)
+    conformance.test_large_files_lists_the_weights_in_model_zoo_format(BUNDLE)
+    conformance.test_no_config_resolves_anything_before_run(BUNDLE)
+
+
+def test_network_takes_the_metadata_input_shape():
+    """The metadata's shapes (one channel, one label, the largest ROI) given as the ids the datalist would set."""
+    from monai.bundle import verify_net_in_out
+
+    meta_file = REPO / "bundles" / BUNDLE / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())["network_data_format"]
+    image, pred = meta["inputs"]["image"], meta["outputs"]["pred"]
+    verify_net_in_out(net_id="network_def", meta_file=str(meta_file), device="cpu", hidden_size=48,
+                      config_file=str(REPO / "bundles" / BUNDLE / "configs" / "inference.yaml"),
+                      in_channels=image["num_channels"], out_channels=pred["num_channels"],
+                      roi_size=image["spatial_shape"])  # fmt: skip
+
+
+@pytest.mark.parametrize("workflow_type, config", [("train", "finetune"), ("infer", "inference")])
+def test_workflow_has_the_properties_monai_checks(runs, tmp_path, workflow_type, config):
+    from monai.bundle import ConfigWorkflow
+
+    dataset, bundle_root = runs["mr"]
+    overrides = dict(TINY, bundle_root=str(tmp_path), dataset_dir=str(dataset))
+    if workflow_type == "train":
+        overrides.update(init_mode="scratch", cache_rate=0.0)
+    else:
+        overrides.update(input_dir=str(dataset / "imagesTs"), checkpoint=str(bundle_root / "models" / "model.pt"))
+    files = [str(REPO / "bundles" / BUNDLE / "configs" / f"{n}.yaml") for n in (config, "demo")]
+    wf = ConfigWorkflow(config_file=files, workflow_type=workflow_type, **overrides)
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(runs, tmp_path):
+    from monai.bundle import ConfigParser, ckpt_export
+    from monai.data import load_net_with_metadata
+
+    dataset, bundle_root = runs["mr"]
+    files = [str(REPO / "bundles" / BUNDLE / "configs" / f"{n}.yaml") for n in ("inference", "demo")]
+    roi = msd.dataset_properties(dataset / "datalist.json")["roi_size"]
+    ts_file, checkpoint = tmp_path / "model.ts", bundle_root / "models" / "model.pt"
+    # the best-validation model.pt holds the state dict itself (CheckpointSaver with one object)
+    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(checkpoint), key_in_ckpt="",
+                meta_file=str(REPO / "bundles" / BUNDLE / "configs" / "metadata.json"), config_file=files,
+                use_trace=True, input_shape=[1, 2, *roi], dataset_dir=str(dataset), **TINY)  # fmt: skip
+    scripted, _, _ = load_net_with_metadata(str(ts_file))
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update({"dataset_dir": str(dataset), "device": "$torch.device('cpu')", **TINY})
+    eager = parser.get_parsed_content("network_def")
+    eager.load_state_dict(torch.load(checkpoint, weights_only=True))
+    eager.eval()
+    x = torch.rand(1, 2, *roi, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
