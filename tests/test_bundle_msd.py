@@ -241,3 +241,41 @@ def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(runs, tmp_path
     x = torch.rand(1, 2, *roi, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+# ---- scale out and resume, as for the other bundles (slow: torchrun start-up and several runs)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_and_resume(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dataset = Path(demo.make_demo(tmp_path / "data", layout="ct", num_cases=6, num_test_cases=1, shape=(36, 36, 24)))
+    msd.prepare_datalist(dataset, eval_fraction=0.25, num_val_cases=1)
+    out = tmp_path / "ddp"
+    common = dict(dataset_dir=dataset, bundle_root=out, batch_size=1, **TINY)
+
+    def torchrun(stage: str, **overrides) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "monai.bundle",
+               "run", stage, "--config_file", configs(BUNDLE, stage, f"multi_gpu_{stage}", "demo")]  # fmt: skip
+        for key, value in {**common, **overrides}.items():
+            cmd += [f"--{key}", str(value)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return proc.stdout + proc.stderr
+
+    log = torchrun("pretrain", max_epochs=3, save_interval=1)
+    assert len(read_losses(out / "logs/pretrain/loss.csv")) == 3  # rank 0 alone writes the log
+    # both ranks ran: the 5 pre-training images (3 training, 1 validation, 1 test) padded to 3 per rank, batch 1
+    assert "Epoch: 3/3, Iter: 3/3" in log
+    torchrun("finetune", max_epochs=2, val_interval=1)
+    assert (out / "models" / "model.pt").is_file()  # best validation model, saved by rank 0
+
+    # resume: continue the single-process pre-training from its newest checkpoint
+    log = run_bundle("pretrain", configs(BUNDLE, "pretrain", "demo"), max_epochs=5, save_interval=1, resume=True,
+                     **common).stdout  # fmt: skip
+    assert "Resuming from" in log and "Epoch: 4/5" in log and "Epoch: 1/5" not in log
+    assert len(read_losses(out / "logs/pretrain/loss.csv")) == 5
