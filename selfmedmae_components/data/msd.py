@@ -126,7 +126,7 @@ def foreground_window(samples: list[np.ndarray], percentiles: tuple[float, float
     lo, hi = np.percentile(values, percentiles)
     if hi <= lo:
         hi = lo + 1.0
-    return [round(float(lo), 1), round(float(hi), 1)]
+    return [round(float(lo), 1) + 0.0, round(float(hi), 1) + 0.0]  # + 0.0: no -0.0
 
 
 def _foreground_sample(image: nib.Nifti1Image, label: nib.Nifti1Image, rng: np.random.Generator) -> np.ndarray:
