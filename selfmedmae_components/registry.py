@@ -207,9 +207,10 @@ DATASETS: tuple[Dataset, ...] = (
         "[--roi_size [96,96,96]]",
         demo="selfmedmae_components.data.demo.msd",
         geometry=Geometry(
-            # Task09_Spleen as the example: 41 labelled CTs of 512 x 512 x 31-168 slices, ~0.8 x 0.8 x 5 mm
+            # Task09_Spleen as the example: 41 labelled CTs of 512 x 512 x 31-168 slices, ~0.8 x 0.8 x 5 mm, 20 test CTs;
+            # the default split: 8 evaluation, 3 validation, 30 training; MAE reads training + validation + test
             spatial_dims=3, channels=1, shape=(512, 512, 90), spacing=(0.79, 0.79, 5.0), labels="classes",
-            cases={"pretrain": (42, 0), "finetune": (30, 3)}, pretrain_keys=("image",),
+            cases={"pretrain": (53, 0), "finetune": (30, 3)}, pretrain_keys=("image",),
         ),  # fmt: skip
         demo_run=DemoRun(
             make_args=(), dataset="Task90_DemoProstateMR", input="imagesTs", pretrain_epochs=20, finetune_epochs=30,
