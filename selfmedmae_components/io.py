@@ -15,6 +15,16 @@ from typing import Any
 __all__ = ["write_text_atomic", "write_json_atomic"]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; a datalist, report or log is meant to be read by the team, as open() would leave it
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename, so a crash never leaves a
     truncated file behind (line ends as given)."""
@@ -24,6 +34,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
