@@ -243,6 +243,26 @@ def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(runs, tmp_path
         torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
+def test_exported_run_needs_no_datalist(runs, tmp_path):
+    """tools/export_bundle.py --run writes the run's derived settings (channels, classes, ROI, spacing, intensity) into
+    the exported configs: the export segments as the bundle did, with no datalist anywhere."""
+    import subprocess
+    import sys
+
+    dataset, bundle_root = runs["ct"]
+    proc = subprocess.run([sys.executable, "tools/export_bundle.py", "--run", str(bundle_root), "--out", str(tmp_path),
+                           "--no-zip"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    exported, out = tmp_path / BUNDLE, tmp_path / "predictions"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml",
+           "--input_dir", str(dataset / "imagesTs"), "--output_dir", str(out), "--dataset_dir", str(tmp_path / "none"),
+           "--datalist_file", str(tmp_path / "none" / "datalist.json")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=exported, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for seg in sorted((bundle_root / "predictions").glob("*_seg.nii.gz")):
+        np.testing.assert_array_equal(np.asarray(nib.load(out / seg.name).dataobj), np.asarray(nib.load(seg).dataobj))
+
+
 # ---- scale out and resume, as for the other bundles (slow: torchrun start-up and several runs)
 
 
