@@ -1,7 +1,7 @@
 """Host memory and loader speed of each bundle's training data, measured on synthetic cases in the public
 datasets' real geometry and extrapolated to their full size.
 
-    python tools/data_benchmark.py                                        # all bundles, current configs
+    python tools/data_benchmark.py                                        # every fixed-geometry bundle (not msd_seg)
     python tools/data_benchmark.py --baseline 32f0b94 --out data.json     # and the bundles of a git commit
     python tools/data_benchmark.py --bundles btcv_seg --cases 2 --batches 3
 
@@ -308,8 +308,16 @@ def measure_commit(ref: str, bundles: list, configs: list, items: dict, batches:
     return {(*key.split()[:2], f"@{ref}"): row for key, row in rows.items()}
 
 
+def derives_from_datalist(bundle: str) -> bool:
+    """A bundle whose settings (channels, ROI, spacing, ...) come from its prepared datalist (msd_seg) has no fixed
+    full-size geometry to measure here."""
+    import yaml
+
+    return "properties" in yaml.safe_load((REPO / "bundles" / bundle / "configs" / "pretrain.yaml").read_text())
+
+
 def main(
-    bundles: str | tuple | list = tuple(d.bundle for d in registry.DATASETS),
+    bundles: str | tuple | list | None = None,
     configs: str | tuple | list = "pretrain,finetune",
     cases: int | None = None,
     batches: int = 5,
@@ -330,7 +338,13 @@ def main(
 
     if not Path(selfmedmae_components.__file__).resolve().is_relative_to(REPO):
         raise RuntimeError(f"selfmedmae_components imported from {selfmedmae_components.__file__}, not {REPO}")
+    if bundles is None:  # every registry bundle with a fixed geometry
+        bundles = [d.bundle for d in registry.DATASETS if not derives_from_datalist(d.bundle)]
     bundles = [registry.get(b).bundle for b in (bundles.split(",") if isinstance(bundles, str) else list(bundles))]
+    for bundle in bundles:
+        if derives_from_datalist(bundle):
+            raise SystemExit(f"error: {bundle} takes its geometry from a prepared datalist (tools/prepare.py); "
+                             "tools/data_benchmark.py measures the bundles of a fixed dataset geometry only")
     configs = configs.split(",") if isinstance(configs, str) else list(configs)
     t0 = time.perf_counter()
 
