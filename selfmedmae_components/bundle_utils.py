@@ -29,8 +29,12 @@ def default_bundle_root() -> str:
     return os.getcwd()
 
 
-def existing_files(files: list[str] | str, what: str = "input_files", expected: str = "an existing folder of .nii/.nii.gz files",
-                   folder: str | os.PathLike | None = None) -> list[str]:
+def existing_files(
+    files: list[str] | str,
+    what: str = "input_files",
+    expected: str = "an existing folder of .nii/.nii.gz files",
+    folder: str | os.PathLike | None = None,
+) -> list[str]:
     """The given files as paths, checked: an empty list or a missing file is an error that names it.
 
     ``folder`` is the folder the files were listed from (``input_dir``): when nothing was found, the
@@ -38,8 +42,10 @@ def existing_files(files: list[str] | str, what: str = "input_files", expected: 
     """
     files = [os.fspath(files)] if isinstance(files, (str, os.PathLike)) else [os.fspath(f) for f in files]
     if not files and folder is not None and not os.path.isdir(folder):
-        raise FileNotFoundError(f"Input folder not found: {os.fspath(folder)} does not exist or is not a folder "
-                                f"(set --input_dir, or --input_files to a list of images).")
+        raise FileNotFoundError(
+            f"Input folder not found: {os.fspath(folder)} does not exist or is not a folder "
+            f"(set --input_dir, or --input_files to a list of images)."
+        )
     if not files:
         where = f" in {os.fspath(folder)}" if folder is not None else ""
         raise FileNotFoundError(f"No input images found{where} ({what} is empty): give {expected}.")

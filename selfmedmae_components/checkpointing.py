@@ -129,7 +129,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
             path.unlink(missing_ok=True)
 
 
-def attach_resume(engine: Engine, resume: bool, ckpt_dir: str, prefix: str, load_dict: dict, map_location: Any = None) -> str | None:
+def attach_resume(
+    engine: Engine, resume: bool, ckpt_dir: str, prefix: str, load_dict: dict, map_location: Any = None
+) -> str | None:
     """If ``resume``, load the newest ``<prefix>_checkpoint_epoch=N.pt`` of ``ckpt_dir`` into
     ``load_dict`` (model, optimiser, scheduler, trainer state, ...) when the engine starts; returns its path."""
     from monai.handlers import CheckpointLoader

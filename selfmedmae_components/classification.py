@@ -50,8 +50,10 @@ def per_class_auc(probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.nd
     probs = torch.as_tensor(probs, dtype=torch.float64).detach().cpu()
     labels = torch.as_tensor(labels, dtype=torch.float64).detach().cpu()
     if probs.ndim != 2 or probs.shape != labels.shape:
-        raise ValueError(f"expected probabilities and labels of the same shape (N, K), got "
-                         f"{tuple(probs.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected probabilities and labels of the same shape (N, K), got "
+            f"{tuple(probs.shape)} and {tuple(labels.shape)}"
+        )
     out: list[float | None] = []
     for k in range(probs.shape[1]):
         y = labels[:, k]
@@ -105,7 +107,9 @@ class ProbabilityCSVWriter:
         pred_key, image_key: keys of the decollated engine output.
     """
 
-    def __init__(self, output_file: str, class_names: Sequence[str], pred_key: str = "pred", image_key: str = "image") -> None:
+    def __init__(
+        self, output_file: str, class_names: Sequence[str], pred_key: str = "pred", image_key: str = "image"
+    ) -> None:
         self.output_file = Path(output_file)
         self.class_names = list(class_names)
         self.pred_key, self.image_key = pred_key, image_key
@@ -126,8 +130,10 @@ class ProbabilityCSVWriter:
         for item in output if isinstance(output, list) else [output]:
             pred = torch.as_tensor(item[self.pred_key]).detach().float().cpu().reshape(-1)
             if len(pred) != len(self.class_names):
-                raise ValueError(f"the network gives {len(pred)} outputs per image but {len(self.class_names)} "
-                                 f"class names were given: {self.class_names}")
+                raise ValueError(
+                    f"the network gives {len(pred)} outputs per image but {len(self.class_names)} "
+                    f"class names were given: {self.class_names}"
+                )
             self.names.append(_filename(item.get(self.image_key), f"image{len(self.names)}"))
             self.probs.append(pred.tolist())
             label = item.get("label")
@@ -177,8 +183,10 @@ class ClassificationReport(ProbabilityCSVWriter):
             "mean_auc": mean_auc(aucs),
             "num_classes_in_mean": len(present),
             "absent_classes": [c for c in self.class_names if c not in present],
-            "per_class": {c: {"auc": a if a is not None else ABSENT, "positives": p}
-                          for c, a, p in zip(self.class_names, aucs, positives)},
+            "per_class": {
+                c: {"auc": a if a is not None else ABSENT, "positives": p}
+                for c, a, p in zip(self.class_names, aucs, positives)
+            },
             "paper": self.paper,
         }
         write_json_atomic(self.summary, self.output_dir / "summary.json")
@@ -190,16 +198,23 @@ class ClassificationReport(ProbabilityCSVWriter):
         s = self.summary
         mean = s["mean_auc"]
         mean_txt = f"{100 * mean:.2f}" if math.isfinite(mean) else ABSENT
-        lines = [f"ROC AUC (%) on {s['num_images']} images", "",
-                 "| class | AUC | positives |", "|---|---|---|",
-                 f"| **mean over {s['num_classes_in_mean']} classes** | **{mean_txt}** | |"]
+        lines = [
+            f"ROC AUC (%) on {s['num_images']} images",
+            "",
+            "| class | AUC | positives |",
+            "|---|---|---|",
+            f"| **mean over {s['num_classes_in_mean']} classes** | **{mean_txt}** | |",
+        ]
         lines += [f"| {name} (paper) | {100 * v:.2f} | |" for name, v in self.paper.items()]
         for c, row in s["per_class"].items():
             auc = row["auc"]
             lines.append(f"| {c} | {auc if isinstance(auc, str) else f'{100 * auc:.2f}'} | {row['positives']} |")
         if s["absent_classes"]:
-            lines += ["", f"{ABSENT}: no positive or no negative image, so no AUC; left out of the mean: "
-                          + ", ".join(s["absent_classes"])]
+            lines += [
+                "",
+                f"{ABSENT}: no positive or no negative image, so no AUC; left out of the mean: "
+                + ", ".join(s["absent_classes"]),
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -221,13 +236,22 @@ def find_images(input_dir: str | os.PathLike) -> list[str]:
     """
     folder = Path(input_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Input folder not found: {folder} (set --input_dir, or --input_files to a list of images).")
+        raise FileNotFoundError(
+            f"Input folder not found: {folder} (set --input_dir, or --input_files to a list of images)."
+        )
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    found = [os.fspath(p) for p in files
-             if p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower().endswith(VOLUME_SUFFIXES) or (p.suffix == "" and _is_dicom(p))]
+    found = [
+        os.fspath(p)
+        for p in files
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        or p.name.lower().endswith(VOLUME_SUFFIXES)
+        or (p.suffix == "" and _is_dicom(p))
+    ]
     if not found:
-        raise FileNotFoundError(f"No chest X-ray images in {folder}: expected {', '.join(IMAGE_SUFFIXES)} files "
-                                f"or extension-less DICOM files.")
+        raise FileNotFoundError(
+            f"No chest X-ray images in {folder}: expected {', '.join(IMAGE_SUFFIXES)} files "
+            f"or extension-less DICOM files."
+        )
     return found
 
 
@@ -241,6 +265,8 @@ def class_names_from_metadata(metadata: dict | str | os.PathLike, output: str = 
         channel_def = metadata["network_data_format"]["outputs"][output]["channel_def"]
         return [str(channel_def[str(i)]) for i in range(len(channel_def))]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"the bundle metadata has no class names (network_data_format -> outputs -> {output} -> "
-                         f"channel_def with keys '0', '1', ...): missing {e}. Run the bundle from its configs/ "
-                         f"folder so that configs/metadata.json is read, or set --class_names.") from None
+        raise ValueError(
+            f"the bundle metadata has no class names (network_data_format -> outputs -> {output} -> "
+            f"channel_def with keys '0', '1', ...): missing {e}. Run the bundle from its configs/ "
+            f"folder so that configs/metadata.json is read, or set --class_names."
+        ) from None

@@ -52,7 +52,9 @@ def cpu_supports_bf16() -> bool:
     return cpu_capability() in NATIVE_CPU_BF16
 
 
-def precision_choice(device: torch.device, amp: bool | str, amp_dtype: str = "bfloat16") -> tuple[torch.dtype | None, str]:
+def precision_choice(
+    device: torch.device, amp: bool | str, amp_dtype: str = "bfloat16"
+) -> tuple[torch.dtype | None, str]:
     """The autocast dtype for ``device`` (None: float32) and why, in words.
 
     bf16 only where the hardware runs it natively; float16 only on CUDA (with a grad scaler). torch's
@@ -65,8 +67,13 @@ def precision_choice(device: torch.device, amp: bool | str, amp_dtype: str = "bf
         return None, "amp off: float32"
     if device.type == "cuda":
         if amp_dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.float16, "GPU has no native bf16 (compute capability < 8.0): float16 autocast with a grad scaler"
-        return AMP_DTYPES[amp_dtype], f"GPU: {amp_dtype} autocast" + (" with a grad scaler" if amp_dtype == "float16" else "")
+            return (
+                torch.float16,
+                "GPU has no native bf16 (compute capability < 8.0): float16 autocast with a grad scaler",
+            )
+        return AMP_DTYPES[amp_dtype], f"GPU: {amp_dtype} autocast" + (
+            " with a grad scaler" if amp_dtype == "float16" else ""
+        )
     if device.type == "cpu" and amp_dtype == "bfloat16":
         found = cpu_capability()
         if found in NATIVE_CPU_BF16:
@@ -75,7 +82,7 @@ def precision_choice(device: torch.device, amp: bool | str, amp_dtype: str = "bf
     return None, f"no fast {amp_dtype} on {device.type}: float32"
 
 
-@functools.lru_cache(maxsize=None)  # once per process and message: autocast_dtype runs at every inference call
+@functools.cache  # once per process and message: autocast_dtype runs at every inference call
 def _log_once(message: str) -> None:
     logger.info(f"precision: {message}")
 
@@ -189,7 +196,11 @@ class TrainingStep:
     def compute_loss(self, engine: Any, batchdata: dict) -> tuple[torch.Tensor, dict]:
         image, label = _prepare(batchdata, engine)
         pred = engine.network(image)
-        return engine.loss_function(pred, label), {CommonKeys.IMAGE: image, CommonKeys.LABEL: label, CommonKeys.PRED: pred}
+        return engine.loss_function(pred, label), {
+            CommonKeys.IMAGE: image,
+            CommonKeys.LABEL: label,
+            CommonKeys.PRED: pred,
+        }
 
     def __call__(self, engine: Any, batchdata: dict) -> dict:
         device = torch.device(engine.state.device)

@@ -71,8 +71,12 @@ def _is_user_error(exc: BaseException) -> bool:
 def _is_monai_wrapper(exc: BaseException) -> bool:
     """MONAI's ``raise RuntimeError("Failed to evaluate ..." / "Failed to instantiate ..." /
     "applying transform ...") from e`` (config items, component instantiation, transforms)."""
-    return (type(exc) is RuntimeError and exc.__cause__ is not None and str(exc).startswith(_MONAI_WRAPPERS)
-            and _raised_by_a_raise_statement_in(exc, "monai"))
+    return (
+        type(exc) is RuntimeError
+        and exc.__cause__ is not None
+        and str(exc).startswith(_MONAI_WRAPPERS)
+        and _raised_by_a_raise_statement_in(exc, "monai")
+    )
 
 
 def find_user_error(exc: BaseException | None) -> BaseException | None:
@@ -106,8 +110,9 @@ def _write_traceback(exc_type: type[BaseException], exc: BaseException, tb: Trac
     return path
 
 
-def excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None,
-               fallback=sys.__excepthook__) -> None:
+def excepthook(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None, fallback=sys.__excepthook__
+) -> None:
     """Print a user error as ``error: <message>`` (full traceback to a file); anything else via ``fallback``."""
     user_error = _shortened(exc)
     if user_error is None:

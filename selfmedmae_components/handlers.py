@@ -27,7 +27,9 @@ def _first(output: Any) -> Any:
     return output[0] if isinstance(output, list) else output
 
 
-def reconstruction_panel(mae: torch.nn.Module, image: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+def reconstruction_panel(
+    mae: torch.nn.Module, image: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+) -> np.ndarray:
     """One sample as [original | masked | reconstruction] (uint8, H x 3W): channel 0, middle axial slice for 3D.
 
     Predictions of a normalised-pixel MAE are mapped back with each patch's own mean and std; visible
@@ -95,7 +97,9 @@ class ReconstructionImageHandler:
         if not isinstance(out, dict) or "mask" not in out:
             return
         with torch.no_grad():
-            panel = reconstruction_panel(unwrap(engine.network), out[CommonKeys.IMAGE], out[CommonKeys.PRED], out["mask"])
+            panel = reconstruction_panel(
+                unwrap(engine.network), out[CommonKeys.IMAGE], out[CommonKeys.PRED], out["mask"]
+            )
         epoch = engine.state.epoch
         if self.writer is not None:
             self.writer.add_image("mae/reconstruction", panel[None], epoch)
@@ -138,8 +142,10 @@ class EpochLossLogger:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
         if not rows or rows[0] != self.HEADER or not all(r and r[0].isdigit() for r in rows[1:]):
-            raise ValueError(f"{path} is not a loss log of columns {','.join(self.HEADER)} with an integer epoch; "
-                             "move it away or choose another log_dir.")
+            raise ValueError(
+                f"{path} is not a loss log of columns {','.join(self.HEADER)} with an integer epoch; "
+                "move it away or choose another log_dir."
+            )
         return [r for r in rows[1:] if int(r[0]) < epoch]
 
     def __call__(self, engine: Engine) -> None:

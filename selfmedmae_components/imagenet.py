@@ -2,5 +2,10 @@
 other checkpoint loaders); its names stay importable from here."""
 
 from .weights.imagenet import (  # noqa: F401
-    ImageNetReport, inflate_patch_embed, load_imagenet_vit, read_checkpoint, resample_pos_embed, to_timm_names,
+    ImageNetReport,
+    inflate_patch_embed,
+    load_imagenet_vit,
+    read_checkpoint,
+    resample_pos_embed,
+    to_timm_names,
 )

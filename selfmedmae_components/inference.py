@@ -160,8 +160,10 @@ class InferenceReport:
         print(f"Inference: {self.written} input(s) written{where}, {len(self.failed)} failed.", flush=True)
         if self.failed:
             listing = "\n".join(f"  {f.source}: {f.reason}" for f in self.failed)
-            raise ValueError(f"{len(self.failed)} of {self.written + len(self.failed)} input(s) could not be "
-                             f"processed (the other {self.written} were written{where}):\n{listing}")
+            raise ValueError(
+                f"{len(self.failed)} of {self.written + len(self.failed)} input(s) could not be "
+                f"processed (the other {self.written} were written{where}):\n{listing}"
+            )
 
 
 class SaveLabelMapd(SaveImaged):

@@ -51,7 +51,9 @@ class HausdorffDistanceMMMetric(HausdorffDistanceMetric):
 class HausdorffDistance95mm(IgniteMetricHandler):
     """Ignite handler: 95th-percentile Hausdorff distance in millimetres, background excluded."""
 
-    def __init__(self, include_background: bool = False, output_transform: Any = lambda x: x, save_details: bool = True):
+    def __init__(
+        self, include_background: bool = False, output_transform: Any = lambda x: x, save_details: bool = True
+    ):
         metric = HausdorffDistanceMMMetric(include_background=include_background, percentile=95, reduction="mean")
         super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
 
@@ -105,7 +107,11 @@ class SegmentationReport:
 
     def __call__(self, engine: Engine) -> None:
         details = engine.state.metric_details
-        tables = {m: details[n].float().cpu().tolist() for m, n in (("dice", self.dice_name), ("hd95", self.hd95_name)) if n in details}
+        tables = {
+            m: details[n].float().cpu().tolist()
+            for m, n in (("dice", self.dice_name), ("hd95", self.hd95_name))
+            if n in details
+        }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "per_case.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -113,7 +119,8 @@ class SegmentationReport:
             for i, case in enumerate(self._cases):
                 w.writerow([case] + [f"{tables[m][i][j]:.4f}" for m in tables for j in range(len(self.class_names))])
         per_class = {
-            m: {c: _finite_mean([row[j] for row in rows]) for j, c in enumerate(self.class_names)} for m, rows in tables.items()
+            m: {c: _finite_mean([row[j] for row in rows]) for j, c in enumerate(self.class_names)}
+            for m, rows in tables.items()
         }
         self.summary = {"num_cases": len(self._cases), "per_class": per_class, "groups": {}}
         for g, names in self.groups.items():
@@ -122,7 +129,9 @@ class SegmentationReport:
                 m: _finite_mean([rows[i][j] for i in range(len(rows)) for j in idx]) for m, rows in tables.items()
             }
             if "hd95" in tables:
-                self.summary["groups"][g]["hd95_missed"] = sum(math.isinf(tables["hd95"][i][j]) for i in range(len(self._cases)) for j in idx)
+                self.summary["groups"][g]["hd95_missed"] = sum(
+                    math.isinf(tables["hd95"][i][j]) for i in range(len(self._cases)) for j in idx
+                )
         write_json_atomic(self.summary, self.output_dir / "summary.json")
         text = self.markdown()
         write_text_atomic(text, self.output_dir / "summary.md")

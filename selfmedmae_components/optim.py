@@ -45,7 +45,9 @@ def global_batch_size(batch_size: int, num_items: int, world_size: int = 1, num_
     return min(int(batch_size), per_rank) * int(num_samples) * int(world_size)
 
 
-def param_groups_weight_decay(model: nn.Module, lr: float, weight_decay: float = 0.05, decay_tokens: bool = False) -> list[dict]:
+def param_groups_weight_decay(
+    model: nn.Module, lr: float, weight_decay: float = 0.05, decay_tokens: bool = False
+) -> list[dict]:
     """Two groups, with and without weight decay (MAE pre-training).
 
     ``decay_tokens`` also decays the cls and mask tokens, as the original SelfMedMAE code did; MAE's

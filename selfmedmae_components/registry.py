@@ -144,12 +144,21 @@ DATASETS: tuple[Dataset, ...] = (
         demo="selfmedmae_components.data.demo.btcv",
         geometry=Geometry(
             # img0001; the 30 labelled CTs have 85-198 slices of 2.5-5 mm
-            spatial_dims=3, channels=1, shape=(512, 512, 147), spacing=(0.76, 0.76, 3.0), labels="classes",
+            spatial_dims=3,
+            channels=1,
+            shape=(512, 512, 147),
+            spacing=(0.76, 0.76, 3.0),
+            labels="classes",
             cases={"pretrain": (18, 0), "finetune": (16, 2)},
         ),  # fmt: skip
         demo_run=DemoRun(
-            make_args=(), dataset="", input="RawData/Testing/img", pretrain_epochs=40, finetune_epochs=30,
-            val_interval=10, tiny={"num_test_cases": 1, "shape": (32, 32, 12)},
+            make_args=(),
+            dataset="",
+            input="RawData/Testing/img",
+            pretrain_epochs=40,
+            finetune_epochs=30,
+            val_interval=10,
+            tiny={"num_test_cases": 1, "shape": (32, 32, 12)},
         ),  # fmt: skip
         # real BTCV: 512 x 512 in-plane, ~0.8 mm; ~100 slices of 2.5-5 mm (half resolution in-plane in the data part)
         benchmark=BenchmarkPreset(sw_size=(256, 256, 160), data_shape=(256, 256, 64)),
@@ -164,12 +173,21 @@ DATASETS: tuple[Dataset, ...] = (
         "[--seed 12345] [--check_files False]",
         demo="selfmedmae_components.data.demo.msd_brats",
         geometry=Geometry(
-            spatial_dims=3, channels=4, shape=(240, 240, 155), spacing=(1.0, 1.0, 1.0), labels="regions",
+            spatial_dims=3,
+            channels=4,
+            shape=(240, 240, 155),
+            spacing=(1.0, 1.0, 1.0),
+            labels="regions",
             cases={"pretrain": (387, 0), "finetune": (348, 39)},  # 484 labelled, 97 held out for evaluation
         ),  # fmt: skip
         demo_run=DemoRun(
-            make_args=(), dataset="Task01_BrainTumour", input="imagesTs", pretrain_epochs=20, finetune_epochs=20,
-            val_interval=5, tiny={"num_cases": 5, "num_test_cases": 1, "shape": (24, 24, 16)},
+            make_args=(),
+            dataset="Task01_BrainTumour",
+            input="imagesTs",
+            pretrain_epochs=20,
+            finetune_epochs=20,
+            val_interval=5,
+            tiny={"num_cases": 5, "num_test_cases": 1, "shape": (24, 24, 16)},
         ),  # fmt: skip
         benchmark=BenchmarkPreset(sw_size=(240, 240, 155), data_shape=(192, 192, 144)),  # 1 mm, as in MSD
     ),
@@ -183,15 +201,24 @@ DATASETS: tuple[Dataset, ...] = (
         "[--check_images False]   # False: existence only, fast on 112k images",
         demo="selfmedmae_components.data.demo.cxr14",
         geometry=Geometry(
-            spatial_dims=2, channels=1, shape=(1024, 1024), spacing=None, labels="multilabel",  # 8-bit PNG
+            spatial_dims=2,
+            channels=1,
+            shape=(1024, 1024),
+            spacing=None,
+            labels="multilabel",  # 8-bit PNG
             cases={"pretrain": (86524, 0), "finetune": (77872, 8652)},  # official train_val, 10 % validation
             pretrain_keys=("image",),
         ),  # fmt: skip
         demo_run=DemoRun(
-            make_args=("--num_images", "1200", "--image_size", "128"), dataset="", input="images",
-            pretrain_epochs=15, finetune_epochs=40, val_interval=5,
+            make_args=("--num_images", "1200", "--image_size", "128"),
+            dataset="",
+            input="images",
+            pretrain_epochs=15,
+            finetune_epochs=40,
+            val_interval=5,
             # the tiny 2D ViT runs many small operations: one thread per process is faster than two (docs/README.md)
-            env={"OMP_NUM_THREADS": "1"}, tiny={"num_images": 40, "image_size": 32},
+            env={"OMP_NUM_THREADS": "1"},
+            tiny={"num_images": 40, "image_size": 32},
         ),  # fmt: skip
         benchmark=BenchmarkPreset(sw_size=None, data_shape=(1024, 1024)),
         data_benchmark_cases=500,
@@ -209,12 +236,23 @@ DATASETS: tuple[Dataset, ...] = (
         geometry=Geometry(
             # Task09_Spleen as the example: 41 labelled CTs of 512 x 512 x 31-168 slices, ~0.8 x 0.8 x 5 mm, 20 test CTs;
             # the default split: 8 evaluation, 3 validation, 30 training; MAE reads training + validation + test
-            spatial_dims=3, channels=1, shape=(512, 512, 90), spacing=(0.79, 0.79, 5.0), labels="classes",
-            cases={"pretrain": (53, 0), "finetune": (30, 3)}, pretrain_keys=("image",),
+            spatial_dims=3,
+            channels=1,
+            shape=(512, 512, 90),
+            spacing=(0.79, 0.79, 5.0),
+            labels="classes",
+            cases={"pretrain": (53, 0), "finetune": (30, 3)},
+            pretrain_keys=("image",),
         ),  # fmt: skip
         demo_run=DemoRun(
-            make_args=(), dataset="Task90_DemoProstateMR", input="imagesTs", pretrain_epochs=20, finetune_epochs=30,
-            val_interval=10, tiny={"num_cases": 6, "num_test_cases": 1, "shape": (24, 24, 12)}, default=False,
+            make_args=(),
+            dataset="Task90_DemoProstateMR",
+            input="imagesTs",
+            pretrain_epochs=20,
+            finetune_epochs=30,
+            val_interval=10,
+            tiny={"num_cases": 6, "num_test_cases": 1, "shape": (24, 24, 12)},
+            default=False,
         ),  # fmt: skip
         benchmark=BenchmarkPreset(sw_size=(256, 256, 128), data_shape=(256, 256, 64)),
     ),

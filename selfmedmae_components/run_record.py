@@ -41,7 +41,9 @@ def read_record(path: str | os.PathLike) -> dict:
     """A run record written by :func:`record_run`, checked for its two sections."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No run record at {path}: it is written by the training configs (run with this version).")
+        raise FileNotFoundError(
+            f"No run record at {path}: it is written by the training configs (run with this version)."
+        )
     record = json.loads(path.read_text())
     if not isinstance(record.get("network"), dict) or not isinstance(record.get("settings"), dict):
         raise ValueError(f"{path} is not a run record: expected the sections 'network' and 'settings'.")
@@ -123,7 +125,9 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def record_run(ckpt_dir: str | os.PathLike, stage: str, is_main_process: bool = True, network_id: str = "network_def") -> Path | None:
+def record_run(
+    ckpt_dir: str | os.PathLike, stage: str, is_main_process: bool = True, network_id: str = "network_def"
+) -> Path | None:
     """Write ``<ckpt_dir>/<stage>_run.json`` for the config being run (rank 0 only); returns its path.
 
     Call it from the config's ``run`` list, before the trainer runs::

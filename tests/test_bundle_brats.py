@@ -12,8 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from bundle_runner import configs, read_losses, run_bundle, run_bundle_expect_error
+
 from selfmedmae_components.data import msd_brats
 
 BUNDLE = "brats_seg"

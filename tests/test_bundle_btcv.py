@@ -9,9 +9,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-
 from bundle_runner import configs, read_losses, run_bundle, run_bundle_expect_error
+
 from selfmedmae_components.data import btcv
 
 TINY = dict(roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0)
@@ -27,14 +26,35 @@ def pipeline(tmp_path_factory):
     common = dict(dataset_dir=data, bundle_root=out, **TINY)
     run_bundle("pretrain", configs("btcv_seg", "pretrain", "demo"), max_epochs=6, image_interval=3, **common)
     # untrained reference: a randomly initialised UNETR (one epoch at learning rate 0)
-    run_bundle("finetune", configs("btcv_seg", "finetune", "demo"), max_epochs=1, learning_rate=0.0, init_mode="scratch", **common,
-               ckpt_dir=out / "untrained", validation_mode="none")
-    run_bundle("evaluate", configs("btcv_seg", "evaluate", "demo"), checkpoint=out / "untrained" / "model.pt",
-               output_dir=out / "eval_untrained", **common)
+    run_bundle(
+        "finetune",
+        configs("btcv_seg", "finetune", "demo"),
+        max_epochs=1,
+        learning_rate=0.0,
+        init_mode="scratch",
+        **common,
+        ckpt_dir=out / "untrained",
+        validation_mode="none",
+    )
+    run_bundle(
+        "evaluate",
+        configs("btcv_seg", "evaluate", "demo"),
+        checkpoint=out / "untrained" / "model.pt",
+        output_dir=out / "eval_untrained",
+        **common,
+    )
     run_bundle("finetune", configs("btcv_seg", "finetune", "demo"), max_epochs=25, val_interval=5, **common)
     run_bundle("evaluate", configs("btcv_seg", "evaluate", "demo"), **common)
-    run_bundle("inference", configs("btcv_seg", "inference", "demo"), bundle_root=out, input_dir=data / "RawData/Testing/img",
-               roi_size=TINY["roi_size"], pixdim=TINY["pixdim"], hidden_size=48, num_workers=0)
+    run_bundle(
+        "inference",
+        configs("btcv_seg", "inference", "demo"),
+        bundle_root=out,
+        input_dir=data / "RawData/Testing/img",
+        roi_size=TINY["roi_size"],
+        pixdim=TINY["pixdim"],
+        hidden_size=48,
+        num_workers=0,
+    )
     return data, out
 
 
@@ -80,26 +100,42 @@ def test_inference_writes_label_maps_in_the_input_geometry(pipeline):
 
 
 def test_wrong_dataset_dir_is_a_clear_error(tmp_path):
-    msg = run_bundle_expect_error("pretrain", configs("btcv_seg", "pretrain", "demo"), dataset_dir=tmp_path / "nowhere",
-                                  bundle_root=tmp_path, **TINY)
+    msg = run_bundle_expect_error(
+        "pretrain",
+        configs("btcv_seg", "pretrain", "demo"),
+        dataset_dir=tmp_path / "nowhere",
+        bundle_root=tmp_path,
+        **TINY,
+    )
     assert "Dataset folder not found" in msg and "nowhere" in msg
 
 
 def test_missing_datalist_names_the_prepare_tool(tmp_path):
-    msg = run_bundle_expect_error("pretrain", configs("btcv_seg", "pretrain", "demo"), dataset_dir=tmp_path,
-                                  bundle_root=tmp_path, **TINY)
+    msg = run_bundle_expect_error(
+        "pretrain", configs("btcv_seg", "pretrain", "demo"), dataset_dir=tmp_path, bundle_root=tmp_path, **TINY
+    )
     assert "datalist.json" in msg and "prepare" in msg
 
 
 def test_missing_pretrained_checkpoint_is_an_error(pipeline, tmp_path):
     data, _ = pipeline
-    msg = run_bundle_expect_error("finetune", configs("btcv_seg", "finetune", "demo"), dataset_dir=data,
-                                  bundle_root=tmp_path, max_epochs=1, **TINY)
+    msg = run_bundle_expect_error(
+        "finetune",
+        configs("btcv_seg", "finetune", "demo"),
+        dataset_dir=data,
+        bundle_root=tmp_path,
+        max_epochs=1,
+        **TINY,
+    )
     assert "Checkpoint not found" in msg and "mae_pretrain.pt" in msg
 
 
 def test_missing_model_for_inference_is_an_error(pipeline, tmp_path):
     data, _ = pipeline
-    msg = run_bundle_expect_error("inference", configs("btcv_seg", "inference", "demo"), bundle_root=tmp_path,
-                                  input_dir=data / "RawData/Testing/img")
+    msg = run_bundle_expect_error(
+        "inference",
+        configs("btcv_seg", "inference", "demo"),
+        bundle_root=tmp_path,
+        input_dir=data / "RawData/Testing/img",
+    )
     assert "Checkpoint not found" in msg and "model.pt" in msg

@@ -23,7 +23,6 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-
 from bundle_runner import REPO
 
 SCHEMA = REPO / "bundles" / "metadata_schema.json"
@@ -71,8 +70,12 @@ class Case:
 
 
 CASES = {
-    "btcv_seg": Case(_btcv, dict(roi_size=[32, 32, 32], pixdim=[8.0, 8.0, 8.0], hidden_size=48, num_workers=0), (1, 1, 32, 32, 32)),
-    "brats_seg": Case(_brats, dict(roi_size=[32, 32, 32], pixdim=[6.0, 6.0, 6.0], hidden_size=48, num_workers=0), (1, 4, 32, 32, 32)),
+    "btcv_seg": Case(
+        _btcv, dict(roi_size=[32, 32, 32], pixdim=[8.0, 8.0, 8.0], hidden_size=48, num_workers=0), (1, 1, 32, 32, 32)
+    ),
+    "brats_seg": Case(
+        _brats, dict(roi_size=[32, 32, 32], pixdim=[6.0, 6.0, 6.0], hidden_size=48, num_workers=0), (1, 4, 32, 32, 32)
+    ),
     "cxr14_cls": Case(_cxr14, dict(hidden_size=48, num_workers=0), (1, 3, 64, 64), segmentation=False),
 }
 
@@ -214,7 +217,9 @@ def test_workflow_has_the_properties_monai_checks(bundle, data, checkpoint, tmp_
         for name, p in wf.properties.items()
         if p.get(BundleProperty.REQUIRED) and p[BundlePropertyConfig.ID] not in wf.parser
     ]
-    assert not absent, f"{bundle} {config}.yaml lacks the ids MONAI requires of a workflow of type {workflow_type!r}: {absent}"
+    assert not absent, (
+        f"{bundle} {config}.yaml lacks the ids MONAI requires of a workflow of type {workflow_type!r}: {absent}"
+    )
     wf.initialize()
     assert wf.check_properties() == []  # also: optional properties, where referenced, use MONAI's ids
 

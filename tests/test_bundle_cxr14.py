@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from bundle_runner import configs, read_losses, run_bundle
 from cxr_helpers import write_dicom
+from PIL import Image
+
 from selfmedmae_components.data.cxr14 import CLASSES, make_demo, prepare_datalist
 from selfmedmae_components.networks import MaskedAutoencoder, ViTClassifier
 from selfmedmae_components.weights import transfer_encoder
@@ -31,8 +31,6 @@ BUNDLE = "cxr14_cls"
 NUM_IMAGES, IMAGE_SIZE, PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 1200, 128, 15, 40
 # chance is 0.5 +- ~0.02 on the 301 evaluation images; the demo gave 0.62-0.69 over data seeds and thread counts
 MIN_MEAN_AUC = 0.6
-
-
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +58,17 @@ def pipeline(tmp_path_factory):
         finetune = run_bundle("finetune", configs(BUNDLE, "finetune", "demo"), max_epochs=FINETUNE_EPOCHS, **common)
         evaluate = run_bundle("evaluate", configs(BUNDLE, "evaluate", "demo"), **common)
         inference = run_bundle("inference", configs(BUNDLE, "inference", "demo"), input_dir=infer_dir, bundle_root=out)
-    return SimpleNamespace(root=root, data=data, datalist=datalist, out=out, infer_dir=infer_dir,
-                           pretrain=pretrain, finetune=finetune, evaluate=evaluate, inference=inference)
+    return SimpleNamespace(
+        root=root,
+        data=data,
+        datalist=datalist,
+        out=out,
+        infer_dir=infer_dir,
+        pretrain=pretrain,
+        finetune=finetune,
+        evaluate=evaluate,
+        inference=inference,
+    )
 
 
 def _read_csv(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -96,7 +103,11 @@ def test_mae_loss_falls_and_checkpoints_are_written(pipeline):
     assert losses[-1] < 0.3 * losses[0] and losses[-1] < min(losses[:5]), losses
     assert (pipeline.out / "logs" / "pretrain" / "reconstruction_latest.png").is_file()
     models = pipeline.out / "models"
-    assert (models / "mae_pretrain.pt").is_file() and (models / "model.pt").is_file() and (models / "model_final.pt").is_file()
+    assert (
+        (models / "mae_pretrain.pt").is_file()
+        and (models / "model.pt").is_file()
+        and (models / "model_final.pt").is_file()
+    )
     # the fine-tuning run reports the MAE encoder it loaded
     assert "Weight transfer from" in pipeline.finetune.stdout and "position embedding" in pipeline.finetune.stdout
 
@@ -119,8 +130,13 @@ def test_evaluation_reports_absent_classes(pipeline, tmp_path):
     hernia = CLASSES.index("Hernia")
     datalist["evaluation"] = [d for d in datalist["evaluation"] if not d["label"][hernia]]
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
-    _run_in_process("evaluate", dataset_dir=str(pipeline.data), bundle_root=str(pipeline.out),
-                    datalist_file=str(tmp_path / "datalist.json"), output_dir=str(tmp_path / "eval"))
+    _run_in_process(
+        "evaluate",
+        dataset_dir=str(pipeline.data),
+        bundle_root=str(pipeline.out),
+        datalist_file=str(tmp_path / "datalist.json"),
+        output_dir=str(tmp_path / "eval"),
+    )
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["per_class"]["Hernia"] == {"auc": "n/a (absent)", "positives": 0}
     assert "Hernia" in summary["absent_classes"] and summary["num_classes_in_mean"] <= 13
@@ -146,7 +162,9 @@ def test_inference_errors_name_the_bad_input(pipeline, tmp_path):
     good = sorted(str(p) for p in pipeline.infer_dir.glob("*.png"))[:1]
     missing = str(tmp_path / "nope.png")
     with pytest.raises(Exception) as exc:  # MONAI wraps it: "Failed to evaluate ConfigExpression ..."
-        _run_in_process("inference", bundle_root=str(pipeline.out), input_files=good + [missing], output_dir=str(tmp_path / "out"))
+        _run_in_process(
+            "inference", bundle_root=str(pipeline.out), input_files=good + [missing], output_dir=str(tmp_path / "out")
+        )
     assert "Input image(s) not found" in _messages(exc.value) and missing in _messages(exc.value)
 
     # an unreadable image is named and skipped, the others are still classified, and the run fails at the end
@@ -155,7 +173,9 @@ def test_inference_errors_name_the_bad_input(pipeline, tmp_path):
     shutil.copy(good[0], bad_dir)
     (bad_dir / "broken.png").write_bytes(b"this is not an image" * 20)
     with pytest.raises(Exception) as exc:
-        _run_in_process("inference", bundle_root=str(pipeline.out), input_dir=str(bad_dir), output_dir=str(tmp_path / "out"))
+        _run_in_process(
+            "inference", bundle_root=str(pipeline.out), input_dir=str(bad_dir), output_dir=str(tmp_path / "out")
+        )
     assert "1 of 2 input(s) could not be processed" in _messages(exc.value)
     assert f"{bad_dir / 'broken.png'}: ValueError: cannot read" in _messages(exc.value)
     _, probs = _read_csv(tmp_path / "out" / "predictions.csv")

@@ -19,8 +19,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from bundle_runner import REPO, configs, read_losses, run_bundle
+
 from selfmedmae_components.data import msd
 from selfmedmae_components.data.demo import msd as demo
 

@@ -31,9 +31,18 @@ def resume_at_epoch_2(engine):
 
 def make_saver(folder, net):
     state = {"model": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1)}
-    return AtomicCheckpointSaver(save_dir=str(folder), save_dict=state, file_prefix="mae", save_interval=1, n_saved=1,
-                                 save_final=True, final_filename="final.pt",
-                                 save_key_metric=True, key_metric_name="score", key_metric_filename="best.pt")
+    return AtomicCheckpointSaver(
+        save_dir=str(folder),
+        save_dict=state,
+        file_prefix="mae",
+        save_interval=1,
+        n_saved=1,
+        save_final=True,
+        final_filename="final.pt",
+        save_key_metric=True,
+        key_metric_name="score",
+        key_metric_filename="best.pt",
+    )
 
 
 @pytest.fixture
@@ -76,8 +85,9 @@ def test_every_rotated_file_is_replaced_only_after_its_successor_is_complete(tmp
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     net = torch.nn.Linear(2, 2)
     engine = make_engine(net)
-    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, file_prefix="mae", save_interval=1,
-                          n_saved=1).attach(engine)
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": net}, file_prefix="mae", save_interval=1, n_saved=1
+    ).attach(engine)
     real_save, calls = torch.save, []
 
     def failing_save(obj, f, **kwargs):  # the second checkpoint (epoch 2) fails half-way
@@ -107,7 +117,9 @@ def test_a_resumed_run_cleans_up_what_the_interrupted_run_left(tmp_path):
     assert not (tmp_path / ".mae_checkpoint_epoch=3.pt.x1y2.tmp").exists()
     engine.add_event_handler(Events.STARTED, resume_at_epoch_2)
     seen = []
-    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(sorted(p.name for p in tmp_path.glob("mae_*"))))
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda e: seen.append(sorted(p.name for p in tmp_path.glob("mae_*")))
+    )
     engine.run([1, 2])
     # epoch 1 and 2 go once epoch 3 is complete; then n_saved=1 holds
     assert seen == [["mae_checkpoint_epoch=3.pt"], ["mae_checkpoint_epoch=4.pt"]]

@@ -16,6 +16,7 @@ from monai.data import MetaTensor
 from monai.metrics import compute_roc_auc
 from PIL import Image
 
+from selfmedmae_components.bundle_utils import existing_files
 from selfmedmae_components.classification import (
     ABSENT,
     ClassificationReport,
@@ -26,7 +27,6 @@ from selfmedmae_components.classification import (
     mean_auc,
     per_class_auc,
 )
-from selfmedmae_components.bundle_utils import existing_files
 from selfmedmae_components.data.cxr14 import CLASSES
 from selfmedmae_components.transforms.randaugment import OPS, RandAugmentd, apply_op
 
@@ -63,8 +63,14 @@ def test_metric_handler_and_report(tmp_path):
     engine = Engine(lambda e, batch: batch)
     metric.attach(engine, "mean_auc")
     report.attach(engine)
-    items = [{"pred": probs[i], "label": labels[i], "image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/x/img,{i}.png"})}
-             for i in range(len(probs))]
+    items = [
+        {
+            "pred": probs[i],
+            "label": labels[i],
+            "image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/x/img,{i}.png"}),
+        }
+        for i in range(len(probs))
+    ]
     engine.run([items[:25], items[25:]], max_epochs=1)
 
     expected = mean_auc(per_class_auc(probs, labels))
@@ -113,7 +119,9 @@ def test_find_images_formats_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="No chest X-ray images"):
         find_images(tmp_path / "sub")
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        existing_files([str(tmp_path / "a.jpg"), str(tmp_path / "missing.png")], "input_files", "PNG, JPEG or DICOM files")
+        existing_files(
+            [str(tmp_path / "a.jpg"), str(tmp_path / "missing.png")], "input_files", "PNG, JPEG or DICOM files"
+        )
     with pytest.raises(FileNotFoundError, match="empty"):
         existing_files([], "input_files", "PNG, JPEG or DICOM files")
 

@@ -6,11 +6,32 @@ from pathlib import Path
 import pytest
 import yaml
 
-BUNDLES = sorted(p.parent.parent for p in (Path(__file__).resolve().parents[1] / "bundles").glob("*/configs/finetune.yaml"))
+BUNDLES = sorted(
+    p.parent.parent for p in (Path(__file__).resolve().parents[1] / "bundles").glob("*/configs/finetune.yaml")
+)
 STAGES = ("pretrain", "finetune", "evaluate", "inference")
-SHARED = ("in_channels", "out_channels", "roi_size", "img_size", "resize", "pixdim", "hu_min", "hu_max", "patch_size",
-          "hidden_size", "num_layers", "num_heads", "mlp_ratio", "feature_size", "skip_hidden_states", "sw_batch_size",
-          "sw_overlap", "class_names", "et_mapping", "dataset_dir")
+SHARED = (
+    "in_channels",
+    "out_channels",
+    "roi_size",
+    "img_size",
+    "resize",
+    "pixdim",
+    "hu_min",
+    "hu_max",
+    "patch_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "mlp_ratio",
+    "feature_size",
+    "skip_hidden_states",
+    "sw_batch_size",
+    "sw_overlap",
+    "class_names",
+    "et_mapping",
+    "dataset_dir",
+)
 
 
 def load(bundle, stage):
@@ -30,7 +51,9 @@ def test_shared_hyper_parameters_agree(bundle):
 def test_every_config_runs_by_name_and_plainly(bundle):
     for stage in STAGES:
         config = load(bundle, stage)
-        assert "run" in config and config.get(stage) == "@run", f"{bundle.name}/{stage}.yaml needs `run` and `{stage}: '@run'`"
+        assert "run" in config and config.get(stage) == "@run", (
+            f"{bundle.name}/{stage}.yaml needs `run` and `{stage}: '@run'`"
+        )
         assert "bundle_root" in config and "network_def" in config
 
 
@@ -38,7 +61,8 @@ def test_every_config_runs_by_name_and_plainly(bundle):
 def test_yaml_floats_are_numbers(bundle):
     """MONAI reads YAML with safe_load, where `1e-3` is a string: write `1.0e-3`."""
     for cfg in (bundle / "configs").glob("*.yaml"):
-        def walk(node, path):
+
+        def walk(node, path, cfg=cfg):
             if isinstance(node, dict):
                 for k, v in node.items():
                     walk(v, f"{path}.{k}")
@@ -51,6 +75,7 @@ def test_yaml_floats_are_numbers(bundle):
                 except ValueError:
                     return
                 pytest.fail(f"{cfg.name}{path} = {node!r} is a string that looks like a number")
+
         walk(yaml.safe_load(cfg.read_text()), "")
 
 
@@ -65,14 +90,19 @@ def test_runs_set_up_the_device_in_one_place(bundle):
     for stage in STAGES:
         config = load(bundle, stage)
         assert config["deterministic"] is False
-        assert config["run"][0].startswith("$selfmedmae_components.engines.setup_run(") and "@deterministic)" in config["run"][0]
+        assert (
+            config["run"][0].startswith("$selfmedmae_components.engines.setup_run(")
+            and "@deterministic)" in config["run"][0]
+        )
     for stage in ("pretrain", "finetune"):
         config = load(bundle, stage)
         assert config["train"]["seeder"]["deterministic"] == "@deterministic"
         assert config["train"]["iteration"]["micro_batch_size"] == "@micro_batch_size"
         assert config["network_def"]["activation_checkpointing"] == "@activation_checkpointing"
         assert config["activation_checkpointing"] is False
-        loggers = [h for h in config["train"]["handlers"] if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler")]
+        loggers = [
+            h for h in config["train"]["handlers"] if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler")
+        ]
         assert len(loggers) == 2 and all("log_every(@log_interval)" in h["iteration_log"] for h in loggers)
     inferer = load(bundle, "finetune")["validate"]["inferer"]
     assert inferer["_target_"] == "selfmedmae_components.engines.AutocastInferer" and inferer["amp"] == "@amp"

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from bundle_runner import REPO
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 
-from bundle_runner import REPO
 from selfmedmae_components.engines import AutocastInferer, TrainingStep, setup_run
 from selfmedmae_components.metrics import HAS_CUCIM, HausdorffDistanceMMMetric
 from selfmedmae_components.networks import UNETR
@@ -60,7 +60,9 @@ def test_cuda_hd95_is_computed_on_the_host_and_agrees():
     seen = []
     compute = metric._compute_tensor
     metric._compute_tensor = lambda p, t, **k: (seen.append(p.device.type), compute(p, t, **k))[1]
-    on_gpu = metric._compute_list([MetaTensor(pred[0], affine=affine).to(CUDA)], [MetaTensor(label[0], affine=affine).to(CUDA)])
+    on_gpu = metric._compute_list(
+        [MetaTensor(pred[0], affine=affine).to(CUDA)], [MetaTensor(label[0], affine=affine).to(CUDA)]
+    )
     on_cpu = metric._compute_list([MetaTensor(pred[0], affine=affine)], [MetaTensor(label[0], affine=affine)])
     assert seen[0] == ("cuda" if HAS_CUCIM else "cpu")
     torch.testing.assert_close(on_gpu.cpu(), on_cpu.cpu())

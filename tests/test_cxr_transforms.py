@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cxr_helpers import write_dicom
 from monai.data import MetaTensor
 from monai.transforms import CenterSpatialCropd, Compose, NormalizeIntensityd, RandFlipd, RepeatChanneld
 from PIL import Image
 
-from cxr_helpers import write_dicom
 from selfmedmae_components.transforms.cxr import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,8 +30,6 @@ def _content() -> np.ndarray:
     """Smooth 12-bit test content (air dark, tissue bright) of shape (H, W)."""
     y, x = np.mgrid[0:H, 0:W]
     return np.round(4095 * (0.5 + 0.5 * np.sin(x / 7.0) * np.cos(y / 11.0)) * (y + 1) / H).astype(np.uint16)
-
-
 
 
 def test_dicom_monochrome1_12bit_matches_monochrome2_and_png(tmp_path):
@@ -130,11 +128,14 @@ def test_rand_resized_crop_shape_determinism_and_box_bounds():
 
 
 def test_documented_pipelines_run(tmp_path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260), dtype=np.uint8)).convert(
-        "RGBA").save(tmp_path / "x.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260), dtype=np.uint8)).convert("RGBA").save(
+        tmp_path / "x.png"
+    )
     head = [LoadChestXRayd("image"), HistogramEqualized("image"), ResizeShortestd("image", 256)]
-    tail = [RepeatChanneld("image", repeats=3),
-            NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True)]
+    tail = [
+        RepeatChanneld("image", repeats=3),
+        NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
+    ]
     train = Compose([*head, RandResizedCropd("image", 224), RandFlipd("image", prob=0.5, spatial_axis=1), *tail])
     evaluate = Compose([*head, CenterSpatialCropd("image", roi_size=224), *tail])
     train.set_random_state(0)
@@ -143,4 +144,6 @@ def test_documented_pipelines_run(tmp_path):
         out = t({"image": str(tmp_path / "x.png")})["image"]
         assert out.shape == (3, 224, 224) and torch.isfinite(out).all()
         channels = [out[i] * IMAGENET_STD[i] + IMAGENET_MEAN[i] for i in range(3)]  # undo the normalisation
-        assert torch.allclose(channels[0], channels[1], atol=1e-5) and torch.allclose(channels[0], channels[2], atol=1e-5)
+        assert torch.allclose(channels[0], channels[1], atol=1e-5) and torch.allclose(
+            channels[0], channels[2], atol=1e-5
+        )

@@ -56,7 +56,8 @@ def test_parse_findings():
 def test_demo_layout(demo):
     assert (demo / "Data_Entry_2017.csv").read_text().splitlines()[0] == (
         "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+    )
     rows = _csv_rows(demo)
     train_val, test = _names(demo / "train_val_list.txt"), _names(demo / "test_list.txt")
     assert sorted(train_val + test) == sorted(rows) and len(rows) == 80
@@ -107,7 +108,10 @@ def test_progress_lines():
     lines = io.StringIO()
     assert list(progress(range(4), 4, "Checking 4 files", every_s=0, stream=lines)) == [0, 1, 2, 3]
     assert lines.getvalue().splitlines() == [
-        "Checking 4 files ...", "  1/4 (25%), 0:00 so far", "  2/4 (50%), 0:00 so far", "  3/4 (75%), 0:00 so far",
+        "Checking 4 files ...",
+        "  1/4 (25%), 0:00 so far",
+        "  2/4 (50%), 0:00 so far",
+        "  3/4 (75%), 0:00 so far",
         "  4/4 done in 0:00",
     ]
     quiet = io.StringIO()  # a quick check: one line
@@ -135,8 +139,20 @@ def test_kaggle_image_folders(copy):
 
 def test_cli(copy):
     out = copy / "cli.json"
-    subprocess.run([sys.executable, str(REPO / "tools" / "prepare_cxr14.py"), "--dataset_dir", str(copy),
-                    "--output", str(out), "--check_images", "False"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "prepare_cxr14.py"),
+            "--dataset_dir",
+            str(copy),
+            "--output",
+            str(out),
+            "--check_images",
+            "False",
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert len(json.loads(out.read_text())["evaluation"]) == len(_names(copy / "test_list.txt"))
 
 

@@ -39,7 +39,9 @@ def test_mr_defaults_come_from_dataset_json_and_the_headers(sets, tmp_path):
     # 24 x 24 x 12 voxels of 6 x 6 x ~6.7 mm: 24 x 24 x ~12 at the median spacing -> 16 x 16 x 16 at least 16
     assert props["roi_size"] == [16, 16, 16]
     assert [len(data[k]) for k in ("training", "validation", "evaluation", "test")] == [5, 1, 2, 1]
-    assert not any(Path(i["image"]).name.startswith("._") for k in ("training", "validation", "evaluation") for i in data[k])
+    assert not any(
+        Path(i["image"]).name.startswith("._") for k in ("training", "validation", "evaluation") for i in data[k]
+    )
     props = msd.dataset_properties(tmp_path / "d.json")
     assert props["class_names"] == ["peripheral zone", "transition zone"] and props["out_channels"] == 3
 
@@ -63,7 +65,12 @@ def test_given_settings_replace_the_derived_ones(sets, tmp_path):
     data = msd.prepare_datalist(sets["ct"], output=tmp_path / "d.json", hu_window=[-100, 240], pixdim=[2.0, 2.0, 3.0],
                                 roi_size=[64, 64, 32], check_files=False)  # fmt: skip
     props = data["properties"]
-    assert (props["hu_min"], props["hu_max"], props["pixdim"], props["roi_size"]) == (-100, 240, [2.0, 2.0, 3.0], [64, 64, 32])
+    assert (props["hu_min"], props["hu_max"], props["pixdim"], props["roi_size"]) == (
+        -100,
+        240,
+        [2.0, 2.0, 3.0],
+        [64, 64, 32],
+    )
     assert {props["derived"][k] for k in ("window", "pixdim", "roi_size")} == {"given"}
     data = msd.prepare_datalist(sets["ct"], output=tmp_path / "z.json", normalization="zscore")
     assert data["properties"]["normalization"] == "zscore" and data["properties"]["hu_min"] is None
@@ -76,7 +83,9 @@ def test_split_is_seeded_and_saved(sets, tmp_path):
     b = msd.prepare_datalist(sets["mr"], output=tmp_path / "b.json", seed=3, check_files=False)
     c = msd.prepare_datalist(sets["mr"], output=tmp_path / "c.json", seed=4, check_files=False)
     assert a == b and a["split"]["seed"] == 3 and json.loads((tmp_path / "a.json").read_text()) == a
-    assert [a[k] for k in ("training", "validation", "evaluation")] != [c[k] for k in ("training", "validation", "evaluation")]
+    assert [a[k] for k in ("training", "validation", "evaluation")] != [
+        c[k] for k in ("training", "validation", "evaluation")
+    ]
     cases = [i["image"] for k in ("training", "validation", "evaluation") for i in a[k]]
     assert sorted(cases) == sorted(set(cases)) and len(cases) == 8
 

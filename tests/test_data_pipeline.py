@@ -13,16 +13,16 @@ import copy
 import numpy as np
 import pytest
 import torch
+from bundle_runner import REPO
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, MetaTensor, list_data_collate
 from monai.transforms import Compose, NormalizeIntensityd, RandCropByPosNegLabeld, RandomizableTrait, RepeatChanneld
 from PIL import Image
 
-from bundle_runner import REPO
 from selfmedmae_components.data.btcv import synthetic_ct
+from selfmedmae_components.data.demo.shapes import save_nifti
 from selfmedmae_components.data.loader import EpochSeededDataLoader
 from selfmedmae_components.data.msd_brats import synthetic_brain
-from selfmedmae_components.data.demo.shapes import save_nifti
 from selfmedmae_components.transforms.cxr import IMAGENET_MEAN, IMAGENET_STD, PrepareChestXRayBatch
 from selfmedmae_components.transforms.indices import PackedIndices
 
@@ -118,8 +118,12 @@ def test_cxr_8bit_cache_and_device_normalisation(cases, config):
     try:
         batch = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
         image, label = PrepareChestXRayBatch(IMAGENET_MEAN, IMAGENET_STD)({"image": batch}, torch.device("cpu"))
-        workers = Compose([RepeatChanneld("image", 3),
-                           NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True)])
+        workers = Compose(
+            [
+                RepeatChanneld("image", 3),
+                NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
+            ]
+        )
         expected = torch.stack([plain(workers({"image": x.float() / 255})["image"]) for x in batch])
     finally:
         set_track_meta(True)
@@ -153,7 +157,9 @@ def test_btcv_crops_from_cached_centres_are_the_crops_drawn_before(cases, config
             for a, b in zip(now, was):
                 assert a["image"].dtype == torch.float16 and a["label"].dtype == torch.uint8
                 assert torch.equal(plain(a["label"]).float(), plain(b["label"]))  # the same crops
-                torch.testing.assert_close(plain(a["image"]).float(), plain(b["image"]), rtol=3 * FP16_UNIT, atol=FP16_UNIT / 2)
+                torch.testing.assert_close(
+                    plain(a["image"]).float(), plain(b["image"]), rtol=3 * FP16_UNIT, atol=FP16_UNIT / 2
+                )
 
 
 # ------------------------------------------------------------------------------------ the cache is not copied
@@ -163,7 +169,11 @@ def test_random_transforms_never_write_into_the_cache(cases, bundle, config):
     """copy_cache: false hands the cached tensors to the random transforms without a copy; with every
     random transform forced on, drawing each case repeatedly leaves the cache as it was."""
     p = parser(bundle, config, **({"mae_crops": "label"} if bundle != "cxr14_cls" else {}))
-    data = cases[bundle] if config == "finetune" or bundle != "cxr14_cls" else [{"image": c["image"]} for c in cases[bundle]]
+    data = (
+        cases[bundle]
+        if config == "finetune" or bundle != "cxr14_cls"
+        else [{"image": c["image"]} for c in cases[bundle]]
+    )
     p.update({"train#data": data, "train#dataset#num_workers": 0, "train#dataset#progress": False})
     dataset = p.get_parsed_content("train#dataset")
     assert isinstance(dataset, CacheDataset) and dataset.copy_cache is False

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from bundle_runner import REPO, read_losses
 
 pytestmark = pytest.mark.slow

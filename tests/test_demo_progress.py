@@ -4,7 +4,6 @@ import importlib.util
 import sys
 
 import pytest
-
 from bundle_runner import REPO
 
 spec = importlib.util.spec_from_file_location("demo", REPO / "tools" / "demo.py")
@@ -24,7 +23,10 @@ def test_duration(seconds, text):
 
 def test_progress_reads_caching_then_epochs_loss_and_eta():
     p = demo.StageProgress("btcv_seg pretrain", start=0.0)
-    p.feed("Loading dataset:  40%|####      | 8/20 [00:01<00:02]\rLoading dataset:  45%|####5     | 9/20 [00:01<00:02]\r", 5.0)
+    p.feed(
+        "Loading dataset:  40%|####      | 8/20 [00:01<00:02]\rLoading dataset:  45%|####5     | 9/20 [00:01<00:02]\r",
+        5.0,
+    )
     assert p.status() == "btcv_seg pretrain  caching 9/20  5s"
     p.feed(stats_line(1, 4, 1, 2, 1.0), 100.0)  # 1/8 of the run; no rate yet
     assert p.status() == "btcv_seg pretrain  epoch 1/4  loss 1.0000  ETA --"

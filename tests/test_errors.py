@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from bundle_runner import configs
 from monai.bundle import ConfigParser
 
 import selfmedmae_components.weights
-from bundle_runner import configs
 from selfmedmae_components import errors
 from selfmedmae_components.data.common import DatasetError
 from selfmedmae_components.weights import CheckpointError, init_encoder
@@ -49,8 +49,9 @@ def assert_short(proc: subprocess.CompletedProcess, message: str) -> Path:
 
 def test_bundle_run_with_a_text_file_as_checkpoint(tmp_path):
     (tmp_path / "model.txt").write_text("best model: epoch 12\n")
-    proc = bundle_run("evaluate", "evaluate", checkpoint=tmp_path / "model.txt", dataset_dir=tmp_path,
-                      bundle_root=tmp_path)
+    proc = bundle_run(
+        "evaluate", "evaluate", checkpoint=tmp_path / "model.txt", dataset_dir=tmp_path, bundle_root=tmp_path
+    )
     full = assert_short(proc, f"{tmp_path / 'model.txt'} is not a PyTorch checkpoint")
     text = full.read_text()  # the whole story, MONAI's wrapper included
     assert "Traceback (most recent call last)" in text and "CheckpointError" in text and "Failed to evaluate" in text
@@ -69,8 +70,9 @@ def test_bundle_run_without_datalist_and_the_documented_full_traceback(tmp_path)
     assert "Full traceback:" not in proc.stderr
 
 
-@pytest.mark.parametrize("tool, args", [("prepare_cxr14.py", ["--dataset_dir"]), ("prepare_btcv.py", []),
-                                        ("prepare_msd_brats.py", [])])
+@pytest.mark.parametrize(
+    "tool, args", [("prepare_cxr14.py", ["--dataset_dir"]), ("prepare_btcv.py", []), ("prepare_msd_brats.py", [])]
+)
 def test_prepare_tools_end_with_a_clean_error(tmp_path, tool, args):
     proc = run([sys.executable, str(REPO / "tools" / tool), *args, str(tmp_path / "nowhere")])
     assert_short(proc, str(tmp_path / "nowhere")).unlink()
@@ -144,7 +146,14 @@ def test_stats_handler_logs_only_the_message_of_a_user_error():
     try:
         raise through_monai_config("$selfmedmae_components.weights.init_encoder(None, 'foo')")
     except RuntimeError:
-        record = logging.LogRecord("monai.handlers.StatsHandler", logging.ERROR, __file__, 1, "Exception: %s",
-                                   ("Failed to evaluate ...",), sys.exc_info())
+        record = logging.LogRecord(
+            "monai.handlers.StatsHandler",
+            logging.ERROR,
+            __file__,
+            1,
+            "Exception: %s",
+            ("Failed to evaluate ...",),
+            sys.exc_info(),
+        )
     assert errors._UserErrorLogFilter().filter(record)
     assert record.exc_info is None and record.getMessage().startswith("Exception: init_mode must be one of")

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import yaml
-
 from bundle_runner import REPO
 from test_bundle_conformance import CASES, SCHEMA, bundle, checkpoint, data  # noqa: F401 (fixtures)
 
@@ -104,7 +102,11 @@ def test_export_runs_inference_from_an_empty_folder(bundle, data, checkpoint, tm
             assert seg.shape == img.shape[:3]
             np.testing.assert_allclose(seg.affine, img.affine, atol=1e-4)
             # MONAI Label names the label values by the first output's channel_def: the map must use its keys
-            first_output = next(iter(json.loads((root / "configs/metadata.json").read_text())["network_data_format"]["outputs"].values()))
+            first_output = next(
+                iter(
+                    json.loads((root / "configs/metadata.json").read_text())["network_data_format"]["outputs"].values()
+                )
+            )
             values = set(np.unique(np.asarray(seg.dataobj)).astype(int).tolist())
             assert values <= {int(k) for k in first_output["channel_def"]}, (values, first_output["channel_def"])
     else:

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from bundle_runner import REPO, configs, run_bundle
 from test_bundle_conformance import CASES, SCHEMA, bundle, configs_of, data, meta_file, tiny_network  # noqa: F401 (fixtures)
 from test_export import isolated
@@ -119,7 +118,9 @@ def test_export_refuses_weights_that_do_not_fit(bundle, run, tmp_path):
     assert not (tmp_path / "o" / bundle).exists()
     # a folder without a run record is named as such
     (run / "models" / "finetune_run.json").unlink()
-    proc = subprocess.run([*EXPORT, bundle, "--run", str(run), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*EXPORT, bundle, "--run", str(run), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0 and "finetune_run.json" in proc.stderr, proc.stderr
 
 
@@ -143,7 +144,12 @@ def test_export_of_a_trained_run_predicts_as_the_run(bundle, data, tmp_path):
                                "--num_workers", "0"], elsewhere)  # fmt: skip
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-6000:]
     own = run / "own"
-    overrides = {"input_dir": inputs, "output_dir": own, "bundle_root": run, **{k: json.dumps(v) for k, v in tiny.items()}}
+    overrides = {
+        "input_dir": inputs,
+        "output_dir": own,
+        "bundle_root": run,
+        **{k: json.dumps(v) for k, v in tiny.items()},
+    }
     if not CASES[bundle].segmentation:
         overrides["output_file"] = own / "predictions.csv"
     run_bundle("inference", configs(bundle, "inference", "demo"), **overrides)

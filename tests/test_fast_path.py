@@ -48,7 +48,9 @@ def images(n: int = 2) -> torch.Tensor:
 
 
 def fake_engine(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> SimpleNamespace:
-    return SimpleNamespace(state=SimpleNamespace(device=torch.device("cpu")), non_blocking=False, network=net, optimizer=optimizer)
+    return SimpleNamespace(
+        state=SimpleNamespace(device=torch.device("cpu")), non_blocking=False, network=net, optimizer=optimizer
+    )
 
 
 def mae_loss(net: MaskedAutoencoder, x: torch.Tensor, dtype: torch.dtype | None, seed: int = 7) -> torch.Tensor:
@@ -85,7 +87,9 @@ def test_compiled_mae_matches_eager(monkeypatch):
     for model in (eager, compiled):
         loss, _, mask = mae_loss(model, x, None)
         loss.backward()
-        runs.append((loss.detach(), mask, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        runs.append(
+            (loss.detach(), mask, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        )
     (loss_eager, mask_eager, grads_eager), (loss_compiled, mask_compiled, grads_compiled) = runs
     assert torch.equal(mask_compiled, mask_eager)
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-4, atol=1e-6)
@@ -145,7 +149,9 @@ def test_fused_adamw_matches_default_adamw():
 
 def test_unetr_bf16_sliding_window_matches_fp32():
     torch.manual_seed(0)
-    net = UNETR(1, 4, 32, feature_size=8, hidden_size=96, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2)).eval()
+    net = UNETR(
+        1, 4, 32, feature_size=8, hidden_size=96, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2)
+    ).eval()
     g = torch.Generator().manual_seed(2)
     vol = torch.nn.functional.interpolate(torch.rand(1, 1, 6, 6, 5, generator=g), size=(48, 48, 40), mode="trilinear")
     sw = SlidingWindowInferer(roi_size=(32, 32, 32), sw_batch_size=4, overlap=0.5)
@@ -218,7 +224,12 @@ def _leaves_device(func, args, kwargs) -> bool:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if func._schema.name.endswith("_to_copy"):
         target = kwargs.get("device")
-        return bool(tensors) and tensors[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+        return (
+            bool(tensors)
+            and tensors[0].device.type != "cpu"
+            and target is not None
+            and torch.device(target).type == "cpu"
+        )
     return len(tensors) >= 2 and tensors[0].device.type == "cpu" and tensors[1].device.type != "cpu"
 
 
@@ -253,7 +264,9 @@ def test_mae_step_has_no_host_sync_cuda():
     x = images().cuda()
     opt = torch.optim.AdamW(param_groups_weight_decay(net, 1e-4, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
     step = MAETrainingStep(amp=True, grad_clip_norm=1.0)
-    engine = SimpleNamespace(state=SimpleNamespace(device=torch.device("cuda")), non_blocking=True, network=net, optimizer=opt)
+    engine = SimpleNamespace(
+        state=SimpleNamespace(device=torch.device("cuda")), non_blocking=True, network=net, optimizer=opt
+    )
     step(engine, {"image": x})
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

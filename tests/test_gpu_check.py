@@ -15,7 +15,9 @@ def test_gpu_check_dry_run_writes_one_json_with_every_step(tmp_path):
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["dry_run"] and report["ok"], [(s["name"], s["exit_code"], s["log_tail"][-800:]) for s in report["steps"]]
+    assert report["dry_run"] and report["ok"], [
+        (s["name"], s["exit_code"], s["log_tail"][-800:]) for s in report["steps"]
+    ]
     assert [s["name"] for s in report["steps"]] == ["pytest", "benchmark_btcv", "benchmark_brats", "benchmark_cxr"]
 
     # the CUDA tests were collected (and skipped on this CPU), the host-sync test among them

@@ -30,7 +30,9 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def fp16_on_cpu(monkeypatch):
     """The fp16 + grad scaler path, as on a pre-Ampere GPU, on the CPU (CPU autocast runs float16)."""
-    monkeypatch.setattr(engines, "precision_choice", lambda device, amp, amp_dtype="bfloat16": (torch.float16, "forced"))
+    monkeypatch.setattr(
+        engines, "precision_choice", lambda device, amp, amp_dtype="bfloat16": (torch.float16, "forced")
+    )
 
 
 def seg_net() -> torch.nn.Module:
@@ -40,7 +42,10 @@ def seg_net() -> torch.nn.Module:
 
 def seg_batch(n: int = 5) -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"image": torch.rand(n, 1, 8, 8, 8, generator=g), "label": torch.randint(0, 3, (n, 1, 8, 8, 8), generator=g).float()}
+    return {
+        "image": torch.rand(n, 1, 8, 8, 8, generator=g),
+        "label": torch.randint(0, 3, (n, 1, 8, 8, 8), generator=g).float(),
+    }
 
 
 def engine_for(net, step_lr: float = 1.0, loss=None):
@@ -88,6 +93,7 @@ def test_micro_batches_all_reduce_once_under_ddp():
 def test_fp16_grad_scaler_state_survives_a_resume(fp16_on_cpu, tmp_path):
     """The scaler is created in the first step, after the checkpoint was loaded at STARTED: the loaded
     state must wait for it instead of being dropped (the scale would restart at 65536)."""
+
     def trainer(step):
         net = seg_net()
         return SupervisedTrainer(device=CPU, max_epochs=1, train_data_loader=[seg_batch(2)] * 2, network=net,
@@ -144,8 +150,11 @@ def test_each_rank_caches_only_the_validation_cases_it_validates():
     cases = [{"image": f"case{i}.nii.gz"} for i in range(5)]
     parts = [validation_partition(cases, num_replicas=3, rank=r) for r in range(3)]
     assert parts == [[cases[0], cases[3]], [cases[1], cases[4]], [cases[2]]]
-    assert [validation_partition(cases[:2], num_replicas=3, rank=r) for r in range(3)] == \
-        [[cases[0], cases[1]], [cases[1]], [cases[0]]]  # fewer cases than ranks: each case twice
+    assert [validation_partition(cases[:2], num_replicas=3, rank=r) for r in range(3)] == [
+        [cases[0], cases[1]],
+        [cases[1]],
+        [cases[0]],
+    ]  # fewer cases than ranks: each case twice
 
 
 @pytest.fixture
@@ -183,30 +192,85 @@ def test_tf32_only_for_cuda_runs(backend_flags):
 def test_loss_is_logged_every_n_iterations_and_at_each_epochs_end(capsys):
     """StatsHandler with the configs' iteration_log filter: iterations 3, 6, 8 of 8 (each a .item() on a GPU)."""
     engine = Engine(lambda e, batch: torch.tensor(float(batch)))
-    StatsHandler(name="log_every_test", iteration_log=log_every(3), epoch_log=False, output_transform=lambda o: o).attach(engine)
+    StatsHandler(
+        name="log_every_test", iteration_log=log_every(3), epoch_log=False, output_transform=lambda o: o
+    ).attach(engine)
     engine.run(list(range(8)), max_epochs=2)
-    logged = [line.split(" - INFO - ")[-1].split(" -- ")[0] for line in capsys.readouterr().out.splitlines() if "Iter:" in line]
+    logged = [
+        line.split(" - INFO - ")[-1].split(" -- ")[0]
+        for line in capsys.readouterr().out.splitlines()
+        if "Iter:" in line
+    ]
     assert logged == [f"Epoch: {e}/2, Iter: {i}/8" for e in (1, 2) for i in (3, 6, 8)]
 
 
-@pytest.mark.parametrize("make, shape, blocks_dominate", [
-    # at 32^3 the UNETR's 8 tokens keep little beside the convolutional decoder: only the gradients are compared
-    (lambda ac: UNETR(1, 3, 32, hidden_size=48, num_layers=3, num_heads=4, drop_path_rate=0.2, skip_hidden_states=(0, 1, 2),
-                      activation_checkpointing=ac), (2, 1, 32, 32, 32), False),
-    (lambda ac: MaskedAutoencoder(1, 64, 16, 3, hidden_size=48, num_layers=2, num_heads=4, decoder_hidden_size=48,
-                                  decoder_num_layers=2, decoder_num_heads=4, activation_checkpointing=ac), (2, 1, 64, 64, 64), True),
-    (lambda ac: ViTClassifier(1, 3, 64, 8, hidden_size=48, num_layers=3, num_heads=4, drop_path_rate=0.2, spatial_dims=2,
-                              activation_checkpointing=ac), (2, 1, 64, 64), True),
-], ids=["unetr", "mae", "classifier"])
+@pytest.mark.parametrize(
+    "make, shape, blocks_dominate",
+    [
+        # at 32^3 the UNETR's 8 tokens keep little beside the convolutional decoder: only the gradients are compared
+        (
+            lambda ac: UNETR(
+                1,
+                3,
+                32,
+                hidden_size=48,
+                num_layers=3,
+                num_heads=4,
+                drop_path_rate=0.2,
+                skip_hidden_states=(0, 1, 2),
+                activation_checkpointing=ac,
+            ),
+            (2, 1, 32, 32, 32),
+            False,
+        ),
+        (
+            lambda ac: MaskedAutoencoder(
+                1,
+                64,
+                16,
+                3,
+                hidden_size=48,
+                num_layers=2,
+                num_heads=4,
+                decoder_hidden_size=48,
+                decoder_num_layers=2,
+                decoder_num_heads=4,
+                activation_checkpointing=ac,
+            ),
+            (2, 1, 64, 64, 64),
+            True,
+        ),
+        (
+            lambda ac: ViTClassifier(
+                1,
+                3,
+                64,
+                8,
+                hidden_size=48,
+                num_layers=3,
+                num_heads=4,
+                drop_path_rate=0.2,
+                spatial_dims=2,
+                activation_checkpointing=ac,
+            ),
+            (2, 1, 64, 64),
+            True,
+        ),
+    ],
+    ids=["unetr", "mae", "classifier"],
+)
 def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(make, shape, blocks_dominate):
     """The blocks run again in the backward pass with the same drop-path masks: equal gradients, and the
     tensors kept for the backward pass (counted as autograd saves them) shrink where the blocks hold most."""
+
     def step(ac: bool):
         torch.manual_seed(0)
         net = make(ac)
         x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
         kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.append(t.numel() * t.element_size()), t)[1], lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: (kept.append(t.numel() * t.element_size()), t)[1], lambda t: t
+        ):
             torch.manual_seed(2)  # drop path, MAE masking
             out = net(x)
             loss = out[0] if isinstance(out, tuple) else out.square().mean()

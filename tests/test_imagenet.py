@@ -85,14 +85,18 @@ def test_2d_classifier_at_224_reproduces_the_imagenet_vit(tmp_path):
     ours = {k.removeprefix("encoder."): v for k, v in net.state_dict().items() if k.startswith("encoder.")}
     assert sorted(report.loaded) == sorted("encoder." + k for k in ours)  # every encoder tensor loaded
     assert sorted(report.dropped) == ["head.bias", "head.weight"] and report.initialised == ["head.weight", "head.bias"]
-    assert torch.equal(ours["pos_embed"], sd["pos_embed"]) and torch.equal(ours["patch_embed.weight"], sd["patch_embed.proj.weight"])
+    assert torch.equal(ours["pos_embed"], sd["pos_embed"]) and torch.equal(
+        ours["patch_embed.weight"], sd["patch_embed.proj.weight"]
+    )
     assert torch.equal(ours["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
     assert torch.equal(ours["blocks.1.mlp.linear2.bias"], sd["blocks.1.mlp.fc2.bias"])
     x = torch.randn(2, 3, 224, 224)
     net.eval()
     with torch.no_grad():
         tokens, _ = net.encoder(x)
-    torch.testing.assert_close(tokens, timm_forward(sd, x), atol=1e-4, rtol=1e-4)  # same function, not just same tensors
+    torch.testing.assert_close(
+        tokens, timm_forward(sd, x), atol=1e-4, rtol=1e-4
+    )  # same function, not just same tensors
     assert "position grid 14x14 -> 14x14" in str(report)
 
 
@@ -144,11 +148,15 @@ def test_3d_unetr_at_the_paper_roi_grid_and_several_channels(tmp_path):
     load_imagenet_vit(net, tmp_path / "vit.pth")  # BraTS-like: 4 channels, non-cubic grid 6 x 4 x 3
     pos = net.encoder.pos_embed.detach()[0, 1:].reshape(6, 4, 3, WIDTH)
     grid = sd["pos_embed"][:, 1:].reshape(1, 14, 14, WIDTH).permute(0, 3, 1, 2)
-    inplane = F.interpolate(grid, size=(4, 6), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)  # (rows y, cols x)
+    inplane = F.interpolate(grid, size=(4, 6), mode="bicubic", align_corners=False)[0].permute(
+        1, 2, 0
+    )  # (rows y, cols x)
     torch.testing.assert_close(pos[:, :, 1], inplane.flip(0).transpose(0, 1))
     w = net.encoder.patch_embed.weight.detach()
     assert w.shape == (WIDTH, 4, 16, 16, 16)
-    torch.testing.assert_close(w[:, 2, :, :, 3], sd["patch_embed.proj.weight"].sum(1).flip(-2).transpose(-2, -1) / 4 / 16)
+    torch.testing.assert_close(
+        w[:, 2, :, :, 3], sd["patch_embed.proj.weight"].sum(1).flip(-2).transpose(-2, -1) / 4 / 16
+    )
 
 
 def test_hugging_face_names_load_the_same_weights(tmp_path):
@@ -185,9 +193,15 @@ def test_safetensors_without_the_package_says_what_to_install(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(width=64), r"width 64 with 2 blocks, but the model's encoder has width 48 and 2 blocks"),  # ViT-L into ViT-B
+        (
+            dict(width=64),
+            r"width 64 with 2 blocks, but the model's encoder has width 48 and 2 blocks",
+        ),  # ViT-L into ViT-B
         (dict(depth=3), r"width 48 with 3 blocks, but the model's encoder has width 48 and 2 blocks"),
-        (dict(patch=32, grid=7), r"patch embedding \(48, 3, 32, 32\) does not fit the encoder's patch size"),  # ViT-B/32
+        (
+            dict(patch=32, grid=7),
+            r"patch embedding \(48, 3, 32, 32\) does not fit the encoder's patch size",
+        ),  # ViT-B/32
     ],
 )
 def test_a_checkpoint_of_another_shape_is_refused(tmp_path, kwargs, message):

@@ -18,19 +18,27 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_runner import REPO, configs
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.transforms import Lambdad
+from test_bundle_conformance import CASES, bundle, checkpoint, data  # noqa: F401 - fixtures reused
 
-from bundle_runner import REPO, configs
 from selfmedmae_components.inference import FailSoftDataset, InferenceReport, collate_loaded
 from selfmedmae_components.transforms.brats import CheckModalitiesd
-from test_bundle_conformance import CASES, bundle, checkpoint, data  # noqa: F401 - fixtures reused
 
 
 def _run(bundle_name: str, **overrides) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run inference`` of a bundle (+ demo), returning its exit status and output."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", configs(bundle_name, "inference", "demo")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--config_file",
+        configs(bundle_name, "inference", "demo"),
+    ]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -103,7 +111,11 @@ def test_bad_inputs_are_named_and_skipped_and_the_run_fails_at_the_end(bundle, d
         assert [r.split(",")[0] for r in rows[1:]] == [str(f) for f in files["good"]]
     if bundle == "brats_seg":
         assert "0_flair_only.nii.gz: ValueError: 1 channel(s), expected 4 (FLAIR, T1w, T1gd, T2w)" in proc.stderr
-        _check_sagittal(out / f"{good[0].name[:-7]}_seg.nii.gz", out / "z_sagittal_seg.nii.gz", tmp_path / "in" / "z_sagittal.nii.gz")
+        _check_sagittal(
+            out / f"{good[0].name[:-7]}_seg.nii.gz",
+            out / "z_sagittal_seg.nii.gz",
+            tmp_path / "in" / "z_sagittal.nii.gz",
+        )
 
 
 def _check_sagittal(axial_seg: Path, sagittal_seg: Path, sagittal_input: Path) -> None:
@@ -162,7 +174,9 @@ def test_failures_in_loading_or_writing_skip_only_their_inputs():
     evaluator = SupervisedEvaluator(device="cpu", val_data_loader=DataLoader(dataset, batch_size=2, collate_fn=collate_loaded),
                                     network=torch.nn.Identity(), postprocessing=save, val_handlers=[report],
                                     iteration_update=report.iteration)  # fmt: skip
-    with pytest.raises(ValueError, match=r"3 of 6 input\(s\) could not be processed \(the other 3 were written to out/\)"):
+    with pytest.raises(
+        ValueError, match=r"3 of 6 input\(s\) could not be processed \(the other 3 were written to out/\)"
+    ):
         evaluator.run()
     assert written == ["a", "b", "c"] and report.written == 3
     assert [(f.source, f.reason) for f in report.failed] == [

@@ -37,7 +37,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from bundle_runner import REPO
 from test_bundle_conformance import CASES, skip_reason
 
@@ -69,10 +68,19 @@ def _http(method: str, url: str, body: bytes | None = None, headers: dict | None
 def _upload(base: str, image_id: str, path: Path) -> None:
     boundary = uuid.uuid4().hex
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    _http("PUT", f"{base}/datastore/image?image={image_id}", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    _http(
+        "PUT",
+        f"{base}/datastore/image?image={image_id}",
+        body,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
 
 
 def _tiny_run(bundle: str, dataset_dir: Path, run: Path) -> None:
@@ -114,11 +122,15 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("monailabel")
     apps = root / "apps"
     monailabel = [str(_venv_python()), "-m", "monailabel.main"]
-    subprocess.run([*monailabel, "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
-                   check=True, capture_output=True, timeout=120, cwd=root)  # fmt: skip  (copied from the installed wheel)
+    subprocess.run(
+        [*monailabel, "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd=root,
+    )  # fmt: skip  (copied from the installed wheel)
     app = apps / "monaibundle"
     sys.path.insert(0, str(REPO / "tools"))
-    from export_bundle import export_bundle
 
     inputs, runs = {}, {}
     for b in bundles:
@@ -137,11 +149,30 @@ def server(tmp_path_factory):
         write_dicom(studies / "film_dicom.dcm", pixels, "MONOCHROME2", bits_stored=16)
     port = _free_port()
     log = open(root / "server.log", "w")
-    cmd = [*monailabel, "start_server", "--app", str(app), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port), "--conf", "models", ",".join(SERVED[b] for b in bundles),
-           "--conf", "zoo_source", "ngc",  # any source but the default monaihosting: local bundles, no zoo query
-           "--conf", "sam2", "false",  # else the app adds SAM2, whose weights are downloaded
-           "--conf", "skip_trainers", "false"]  # fmt: skip  (the segmentation bundles train: configs/train.yaml)
+    cmd = [
+        *monailabel,
+        "start_server",
+        "--app",
+        str(app),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--conf",
+        "models",
+        ",".join(SERVED[b] for b in bundles),
+        "--conf",
+        "zoo_source",
+        "ngc",  # any source but the default monaihosting: local bundles, no zoo query
+        "--conf",
+        "sam2",
+        "false",  # else the app adds SAM2, whose weights are downloaded
+        "--conf",
+        "skip_trainers",
+        "false",
+    ]  # fmt: skip  (the segmentation bundles train: configs/train.yaml)
     env = dict(os.environ, PATH=f"{VENV / 'bin'}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                MONAI_LABEL_DATASTORE_FILE_EXT=FILE_EXT)  # fmt: skip
     env.pop("PYTHONPATH", None)
@@ -157,7 +188,9 @@ def server(tmp_path_factory):
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.time() > deadline:
-                    pytest.fail(f"MONAI Label did not answer in {STARTUP_TIMEOUT_S} s:\n{(root / 'server.log').read_text()[-6000:]}")
+                    pytest.fail(
+                        f"MONAI Label did not answer in {STARTUP_TIMEOUT_S} s:\n{(root / 'server.log').read_text()[-6000:]}"
+                    )
                 time.sleep(2)
         yield base, info, inputs, app, root, runs
     finally:
@@ -175,7 +208,9 @@ def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
     base, info, inputs, app, root, runs = server
     if bundle not in inputs:
         pytest.skip(skip_reason(bundle) or f"{bundle} not served")
-    assert bundle in info["models"], f"{bundle} not among the served models {list(info['models'])}: see {root / 'server.log'}"
+    assert bundle in info["models"], (
+        f"{bundle} not among the served models {list(info['models'])}: see {root / 'server.log'}"
+    )
     meta = json.loads((app / "model" / bundle / "configs" / "metadata.json").read_text())
     labels = {int(k) for k in meta["network_data_format"]["outputs"]["pred"]["channel_def"]}
 
@@ -221,7 +256,9 @@ def test_monailabel_classifies_an_uploaded_chest_xray(server, tmp_path):
     if "cxr14_cls" not in inputs:
         pytest.skip(skip_reason("cxr14_cls") or "cxr14_cls not served")
     name = SERVED["cxr14_cls"]
-    assert name in info["models"], f"{name} not among the served models {list(info['models'])}: see {root / 'server.log'}"
+    assert name in info["models"], (
+        f"{name} not among the served models {list(info['models'])}: see {root / 'server.log'}"
+    )
     assert info["models"][name]["type"] == "classification"
     meta = json.loads((app / "model" / name / "configs" / "metadata.json").read_text())
     classes = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
@@ -306,7 +343,9 @@ def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server,
     bundle = "btcv_seg"
     if bundle not in inputs:
         pytest.skip(skip_reason(bundle) or f"{bundle} not served")
-    assert bundle in info.get("trainers", {}), f"no trainer for {bundle}: {list(info.get('trainers', {}))}; see {root / 'server.log'}"
+    assert bundle in info.get("trainers", {}), (
+        f"no trainer for {bundle}: {list(info.get('trainers', {}))}; see {root / 'server.log'}"
+    )
     bundle_dir = app / "model" / bundle
     model = bundle_dir / "models" / "model.pt"
     old = tmp_path / "model_before.pt"
@@ -317,8 +356,14 @@ def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server,
         _upload(base, f"labelled_{i}", dataset_dir / case["image"])
         label = dataset_dir / case["label"]
         boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"label\"; filename=\"{label.name}\"\r\n"
-                "Content-Type: application/octet-stream\r\n\r\n").encode() + label.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="label"; filename="{label.name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + label.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         _http("PUT", f"{base}/datastore/label?image=labelled_{i}&tag=final", body,
               {"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
     listed = json.loads(_http("GET", f"{base}/datastore/?output=all"))
@@ -332,9 +377,20 @@ def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server,
     # model_filename: the weights MONAI Label loads (non-strictly) before training; the MAE checkpoint's encoder
     # names are UNETR's (pretrained=false would be the other way, but monailabel 0.8.5 fails on it: TypeError
     # in BundleTrainTask._load_checkpoint)
-    params = {"max_epochs": 2, "model_filename": "mae_pretrain.pt", "val_split": 0.0, "device": "cpu", "multi_gpu": False}
+    params = {
+        "max_epochs": 2,
+        "model_filename": "mae_pretrain.pt",
+        "val_split": 0.0,
+        "device": "cpu",
+        "multi_gpu": False,
+    }
     try:
-        _http("POST", f"{base}/train/{bundle}?run_sync=true", json.dumps(params).encode(), {"Content-Type": "application/json"})
+        _http(
+            "POST",
+            f"{base}/train/{bundle}?run_sync=true",
+            json.dumps(params).encode(),
+            {"Content-Type": "application/json"},
+        )
     except urllib.error.HTTPError as e:
         pytest.fail(f"/train/{bundle}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-8000:]}")
     log = (root / "server.log").read_text()

@@ -8,7 +8,9 @@ import torch
 
 from selfmedmae_components.networks import UNETR, MaskedAutoencoder, ViTClassifier, ViTEncoder, sincos_pos_embed
 
-TINY = dict(hidden_size=48, num_layers=2, num_heads=4, decoder_hidden_size=48, decoder_num_layers=1, decoder_num_heads=4)
+TINY = dict(
+    hidden_size=48, num_layers=2, num_heads=4, decoder_hidden_size=48, decoder_num_layers=1, decoder_num_heads=4
+)
 
 
 def tiny_mae(spatial_dims=3, in_channels=1, img_size=32, mask_ratio=0.75):

@@ -4,7 +4,11 @@ import pytest
 
 from selfmedmae_components.networks import UNETR, MaskedAutoencoder, ViTClassifier
 from selfmedmae_components.optim import (
-    effective_lr, global_batch_size, layer_id, param_groups_layer_decay, param_groups_weight_decay,
+    effective_lr,
+    global_batch_size,
+    layer_id,
+    param_groups_layer_decay,
+    param_groups_weight_decay,
 )
 
 
@@ -12,10 +16,13 @@ def scales_by_name(groups):
     return {name: (g["lr_scale"], g["weight_decay"]) for g in groups for name in g["param_names"]}
 
 
-@pytest.mark.parametrize("make", [
-    lambda: UNETR(1, 14, 32, hidden_size=48, num_layers=12, num_heads=4),
-    lambda: ViTClassifier(3, 14, 32, hidden_size=48, num_layers=12, num_heads=4),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: UNETR(1, 14, 32, hidden_size=48, num_layers=12, num_heads=4),
+        lambda: ViTClassifier(3, 14, 32, hidden_size=48, num_layers=12, num_heads=4),
+    ],
+)
 def test_layer_decay_scales_of_vit_b_depth(make):
     model = make()
     groups = param_groups_layer_decay(model, lr=1.0, weight_decay=0.05, layer_decay=0.75)
@@ -35,16 +42,31 @@ def test_layer_decay_scales_of_vit_b_depth(make):
 def test_no_weight_decay_on_biases_norms_tokens_and_position_embedding():
     model = ViTClassifier(3, 14, 32, hidden_size=48, num_layers=2, num_heads=4)
     scales = scales_by_name(param_groups_layer_decay(model, lr=1.0))
-    for name in ("encoder.pos_embed", "encoder.cls_token", "encoder.blocks.0.norm1.weight",
-                 "encoder.blocks.0.attn.qkv.bias", "head.bias"):
+    for name in (
+        "encoder.pos_embed",
+        "encoder.cls_token",
+        "encoder.blocks.0.norm1.weight",
+        "encoder.blocks.0.attn.qkv.bias",
+        "head.bias",
+    ):
         assert scales[name][1] == 0.0, name
     for name in ("encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.weight", "head.weight"):
         assert scales[name][1] == 0.05, name
 
 
 def test_pretraining_groups_skip_fixed_tables():
-    mae = MaskedAutoencoder(1, 32, 16, 3, hidden_size=48, num_layers=1, num_heads=4, decoder_hidden_size=48,
-                            decoder_num_layers=1, decoder_num_heads=4)
+    mae = MaskedAutoencoder(
+        1,
+        32,
+        16,
+        3,
+        hidden_size=48,
+        num_layers=1,
+        num_heads=4,
+        decoder_hidden_size=48,
+        decoder_num_layers=1,
+        decoder_num_heads=4,
+    )
     decay, no_decay = param_groups_weight_decay(mae, lr=1.0)
     ids = {id(p) for p in decay["params"] + no_decay["params"]}
     assert id(mae.encoder.pos_embed) not in ids and id(mae.decoder_pos_embed) not in ids
@@ -63,21 +85,25 @@ def test_layer_id_and_effective_lr():
     assert effective_lr(1.6e-3, 24) == pytest.approx(1.5e-4)
 
 
-@pytest.mark.parametrize("batch, items, ranks, samples, expected", [
-    (6, 16, 1, 4, 24),    # the paper's step: 6 volumes x 4 crops
-    (6, 16, 8, 4, 64),    # 16 BTCV volumes on 8 ranks: 2 volumes each, not 6
-    (6, 16, 3, 4, 72),    # 6 per rank after DistributedSampler's padding
-    (256, 1000, 2, 1, 512),
-])
+@pytest.mark.parametrize(
+    "batch, items, ranks, samples, expected",
+    [
+        (6, 16, 1, 4, 24),  # the paper's step: 6 volumes x 4 crops
+        (6, 16, 8, 4, 64),  # 16 BTCV volumes on 8 ranks: 2 volumes each, not 6
+        (6, 16, 3, 4, 72),  # 6 per rank after DistributedSampler's padding
+        (256, 1000, 2, 1, 512),
+    ],
+)
 def test_global_batch_counts_what_each_rank_really_gets(batch, items, ranks, samples, expected):
     assert global_batch_size(batch, items, ranks, samples) == expected
 
 
-@pytest.mark.parametrize("bundle, stage", [(b, s) for b in ("btcv_seg", "brats_seg", "cxr14_cls") for s in ("pretrain", "finetune")])
+@pytest.mark.parametrize(
+    "bundle, stage", [(b, s) for b in ("btcv_seg", "brats_seg", "cxr14_cls") for s in ("pretrain", "finetune")]
+)
 def test_configs_scale_the_learning_rate_by_the_real_global_batch(bundle, stage):
-    from monai.bundle import ConfigParser
-
     from bundle_runner import REPO
+    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / bundle / "configs" / f"{stage}.yaml"))

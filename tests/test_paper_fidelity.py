@@ -3,12 +3,10 @@ bundle configs exactly as a run builds them."""
 
 import nibabel as nib
 import numpy as np
-import pytest
+from bundle_runner import REPO
 from monai.bundle import ConfigParser
 from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
 from monai.transforms import Compose, RandCropByPosNegLabeld
-
-from bundle_runner import REPO
 
 
 def parser(bundle: str, stage: str, **overrides) -> ConfigParser:

@@ -5,23 +5,34 @@ import json
 from pathlib import Path
 
 import pytest
+from bundle_runner import REPO, configs, read_losses, run_bundle
 from monai.bundle import ConfigParser
 
-from bundle_runner import REPO, configs, read_losses, run_bundle
 from selfmedmae_components.data import btcv, cxr14, msd_brats
 
 BUNDLES = ("btcv_seg", "brats_seg", "cxr14_cls")
 # what the preset must restore, per bundle: {config id: value} read from the layered finetune/pretrain configs
 ORIGINAL = {
-    "btcv_seg": {"pretrain": {"mae_crops": "label", "weight_decay_tokens": True}, "finetune": {"validation_mode": "none"}},
-    "brats_seg": {"pretrain": {"mae_crops": "label", "weight_decay_tokens": True},
-                  "finetune": {"validation_mode": "none", "et_mapping": "original", "seg_loss": "dice"}},  # fmt: skip
-    "cxr14_cls": {"pretrain": {"weight_decay_tokens": True, "pixel_mean": [0.5] * 3, "pixel_std": [0.225] * 3},
-                  "finetune": {"validation_mode": "none", "pixel_mean": [0.5] * 3, "pixel_std": [0.225] * 3}},  # fmt: skip
+    "btcv_seg": {
+        "pretrain": {"mae_crops": "label", "weight_decay_tokens": True},
+        "finetune": {"validation_mode": "none"},
+    },
+    "brats_seg": {
+        "pretrain": {"mae_crops": "label", "weight_decay_tokens": True},
+        "finetune": {"validation_mode": "none", "et_mapping": "original", "seg_loss": "dice"},
+    },  # fmt: skip
+    "cxr14_cls": {
+        "pretrain": {"weight_decay_tokens": True, "pixel_mean": [0.5] * 3, "pixel_std": [0.225] * 3},
+        "finetune": {"validation_mode": "none", "pixel_mean": [0.5] * 3, "pixel_std": [0.225] * 3},
+    },  # fmt: skip
 }
 TINY = {
-    "btcv_seg": dict(roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0),
-    "brats_seg": dict(roi_size="[32,32,32]", pixdim="[6.0,6.0,6.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0),
+    "btcv_seg": dict(
+        roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0
+    ),
+    "brats_seg": dict(
+        roi_size="[32,32,32]", pixdim="[6.0,6.0,6.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0
+    ),
     "cxr14_cls": dict(num_workers=0),
 }
 

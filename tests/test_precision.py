@@ -10,8 +10,8 @@ import logging
 
 import pytest
 import torch
-
 from bundle_runner import REPO
+
 from selfmedmae_components import engines
 from selfmedmae_components.engines import MAETrainingStep, autocast_dtype, cpu_capability, precision_choice
 
@@ -84,7 +84,9 @@ def test_choice_is_logged_once_per_process(monkeypatch, caplog):
         for _ in range(3):
             autocast_dtype(CPU, True)
     lines = [r.getMessage() for r in caplog.records if r.name == engines.__name__]
-    assert lines == ["precision: CPU has no native bf16 (AVX512-BF16/AMX), best found: avx512; float32 (emulated bf16 is slower)"]
+    assert lines == [
+        "precision: CPU has no native bf16 (AVX512-BF16/AMX), best found: avx512; float32 (emulated bf16 is slower)"
+    ]
 
 
 def test_benchmark_records_cpu_capability_and_precision(monkeypatch, tmp_path):

@@ -38,7 +38,7 @@ def test_figure_has_three_rows_and_one_column_per_case(data_and_checkpoint):
     tw, th = map(int, img.text["tile"].split("x"))
     assert img.size == (rf.LABEL_WIDTH + 3 * tw + 2 * rf.GAP, 2 * rf.HEADER + 3 * th + 2 * rf.GAP)
     px = np.asarray(img.convert("L"))
-    tile = lambda r, c: px[2 * rf.HEADER + r * (th + rf.GAP):][:th, rf.LABEL_WIDTH + c * (tw + rf.GAP):][:, :tw]
+    tile = lambda r, c: px[2 * rf.HEADER + r * (th + rf.GAP) :][:th, rf.LABEL_WIDTH + c * (tw + rf.GAP) :][:, :tw]
     for c in range(3):
         original, masked, recon = (tile(r, c) for r in range(3))
         assert original.std() > 10  # an image, not a blank tile

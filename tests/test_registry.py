@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from bundle_runner import REPO
 from monai.bundle import ConfigParser
 
-from bundle_runner import REPO
 from selfmedmae_components import registry
 
 # the per-dataset prepare tools that README, model cards and tests use: thin wrappers of tools/prepare.py
@@ -144,13 +144,17 @@ def test_old_wrappers_are_thin():
     """Each wrapper calls tools/prepare.py's main with its dataset, the same function the registry names."""
     for name, (script, _) in OLD_WRAPPERS.items():
         source = (REPO / "tools" / script).read_text()
-        calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "main"]
+        calls = [
+            n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "main"
+        ]
         assert len(calls) == 1 and registry.get(calls[0].args[0].elts[0].value) is ENTRIES[name], script
 
 
 def test_make_demo_data_dispatches_through_the_registry(tmp_path, capsys):
     make_demo_data = tool("make_demo_data")
-    make_demo_data.main(["msd_brats", str(tmp_path), "--num_cases", "2", "--num_test_cases", "0", "--shape", "[16,16,8]"])
+    make_demo_data.main(
+        ["msd_brats", str(tmp_path), "--num_cases", "2", "--num_test_cases", "0", "--shape", "[16,16,8]"]
+    )
     assert len(json.loads((tmp_path / "Task01_BrainTumour" / "dataset.json").read_text())["training"]) == 2
     make_demo_data.main([])
     usage = capsys.readouterr().out

@@ -13,13 +13,14 @@ import time
 
 import pytest
 import torch
-
 from bundle_runner import REPO, configs, read_losses, run_bundle
+
 from selfmedmae_components.data import btcv
 from selfmedmae_components.weights import load_state_dict
 
-TINY = dict(roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0,
-            amp=False)
+TINY = dict(
+    roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0, amp=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,13 @@ def test_kill_and_resume_reaches_the_uninterrupted_result(dataset, straight, tmp
     # checkpoints however fast the machine trains (polling for a file raced with its n_saved=1 removal)
     crashed, marker = tmp_path / "crashed", tmp_path / "before_epoch_4"
     cmd = [sys.executable, str(REPO / "tests" / "stall_save.py"), "4:before", str(marker)]
-    proc = subprocess.Popen(cmd + bundle_cmd("pretrain", cfg, bundle_root=crashed, **common)[1:], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd + bundle_cmd("pretrain", cfg, bundle_root=crashed, **common)[1:],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         while not marker.exists():
@@ -108,8 +114,13 @@ def test_kill_while_a_checkpoint_is_written(dataset, straight, tmp_path):
     common = dict(dataset_dir=dataset, **KILL_RUN)
     crashed, marker, models = tmp_path / "crashed", tmp_path / "stalled_write", tmp_path / "crashed" / "models"
     cmd = [sys.executable, str(REPO / "tests" / "stall_save.py"), "3", str(marker)]
-    proc = subprocess.Popen(cmd + bundle_cmd("pretrain", cfg, bundle_root=crashed, **common)[1:], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd + bundle_cmd("pretrain", cfg, bundle_root=crashed, **common)[1:],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         while not marker.exists():
@@ -134,16 +145,29 @@ def test_kill_while_a_checkpoint_is_written(dataset, straight, tmp_path):
 def test_resume_without_checkpoint_is_an_error(dataset, tmp_path):
     from bundle_runner import run_bundle_expect_error
 
-    msg = run_bundle_expect_error("pretrain", configs("btcv_seg", "pretrain", "demo"), dataset_dir=dataset,
-                                  bundle_root=tmp_path, resume=True, max_epochs=1, **TINY)
+    msg = run_bundle_expect_error(
+        "pretrain",
+        configs("btcv_seg", "pretrain", "demo"),
+        dataset_dir=dataset,
+        bundle_root=tmp_path,
+        resume=True,
+        max_epochs=1,
+        **TINY,
+    )
     assert "no 'mae_checkpoint_epoch=N.pt'" in msg
 
 
 def torchrun(nproc, run_id, config_file, **overrides):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
     cmd += bundle_cmd(run_id, config_file, **overrides)  # torchrun ... -m monai.bundle run ...
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr
 
@@ -151,26 +175,48 @@ def torchrun(nproc, run_id, config_file, **overrides):
 def test_torchrun_two_processes_pretrain_and_finetune(dataset, tmp_path):
     out = tmp_path / "ddp"
     common = dict(dataset_dir=dataset, bundle_root=out, **TINY)
-    log = torchrun(2, "pretrain", configs("btcv_seg", "pretrain", "multi_gpu_pretrain", "demo"), max_epochs=4,
-                   batch_size=1, image_interval=2, **common)
+    log = torchrun(
+        2,
+        "pretrain",
+        configs("btcv_seg", "pretrain", "multi_gpu_pretrain", "demo"),
+        max_epochs=4,
+        batch_size=1,
+        image_interval=2,
+        **common,
+    )
     losses = read_losses(out / "logs/pretrain/loss.csv")
     assert losses[-1] < losses[0]
     assert len(list((out / "logs/pretrain").glob("events.out.tfevents.*"))) >= 1
     # one process writes: one checkpoint per kind, one loss log with one row per epoch
-    assert sorted(p.name for p in (out / "models").glob("*.pt")) == ["mae_checkpoint_epoch=4.pt", "mae_pretrain.pt"] or \
-        sorted(p.name for p in (out / "models").glob("*.pt")) == ["mae_pretrain.pt"]
+    assert sorted(p.name for p in (out / "models").glob("*.pt")) == [
+        "mae_checkpoint_epoch=4.pt",
+        "mae_pretrain.pt",
+    ] or sorted(p.name for p in (out / "models").glob("*.pt")) == ["mae_pretrain.pt"]
     assert len(losses) == 4
     # both ranks ran: 18 volumes / 2 ranks / batch 1 = 9 iterations per epoch on each
     assert "Epoch: 4/4, Iter: 9/9" in log
 
     # the global batch (2 ranks x 1 volume) sets the effective learning rate, as 1 process x 2 volumes does
     single = tmp_path / "single"
-    run_bundle("pretrain", configs("btcv_seg", "pretrain", "demo"), max_epochs=4, batch_size=2, **dict(common, bundle_root=single))
+    run_bundle(
+        "pretrain",
+        configs("btcv_seg", "pretrain", "demo"),
+        max_epochs=4,
+        batch_size=2,
+        **dict(common, bundle_root=single),
+    )
     single_losses = read_losses(single / "logs/pretrain/loss.csv")
     assert losses == pytest.approx(single_losses, rel=0.15)  # same data and schedule; crops/masks differ by rank
 
-    torchrun(2, "finetune", configs("btcv_seg", "finetune", "multi_gpu_finetune", "demo"), max_epochs=2, val_interval=1,
-             batch_size=1, **common)
+    torchrun(
+        2,
+        "finetune",
+        configs("btcv_seg", "finetune", "multi_gpu_finetune", "demo"),
+        max_epochs=2,
+        val_interval=1,
+        batch_size=1,
+        **common,
+    )
     ft = read_losses(out / "logs/finetune/loss.csv")
     assert len(ft) == 2 and ft[-1] < ft[0]
     assert (out / "models" / "model.pt").is_file()  # best validation model, saved by rank 0
@@ -207,6 +253,8 @@ def test_torchrun_three_processes_finetune_with_fewer_validation_cases_than_rank
                    bundle_root=tmp_path / "ddp3", **common)  # fmt: skip
     assert "Epoch: 1/1, Iter: 6/6" in log  # 16 volumes on 3 ranks: 6 each (padded), 1 per step
     assert (tmp_path / "ddp3" / "models" / "model.pt").is_file()
-    single = run_bundle("finetune", configs("btcv_seg", "finetune", "demo"), bundle_root=tmp_path / "single", **common).stdout
+    single = run_bundle(
+        "finetune", configs("btcv_seg", "finetune", "demo"), bundle_root=tmp_path / "single", **common
+    ).stdout
     dice = [float(re.search(r"Got new best metric of val_mean_dice: (\S+)", out).group(1)) for out in (log, single)]
     assert dice[0] == pytest.approx(dice[1], rel=1e-5)

@@ -13,25 +13,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_runner import REPO
 from monai.bundle import ConfigParser
 from monai.transforms import CenterSpatialCropd, Compose
 
-from bundle_runner import REPO
 from selfmedmae_components.data import btcv, cxr14, msd, msd_brats
 from selfmedmae_components.data.demo import msd as msd_demo
 
 STAGES = ("pretrain", "finetune", "evaluate", "inference")
 # the id of each stage's deterministic pipeline: the cached part of MAE training, fine-tuning's validation
 # (its training shares the same `preprocessing` before crops and augmentation), evaluation and inference
-PIPELINE = {"pretrain": "train#preprocessing", "finetune": "validate#preprocessing", "evaluate": "preprocessing",
-            "inference": "preprocessing"}
+PIPELINE = {
+    "pretrain": "train#preprocessing",
+    "finetune": "validate#preprocessing",
+    "evaluate": "preprocessing",
+    "inference": "preprocessing",
+}
 # segmentation: a ROI smaller than the demo volumes, so that no stage pads (only training pads to the ROI)
-OVERRIDES = {"btcv_seg": {"roi_size": [16, 16, 16]}, "brats_seg": {"roi_size": [16, 16, 16]}, "cxr14_cls": {},
-             "msd_seg": {"roi_size": [16, 16, 16]}}
+OVERRIDES = {
+    "btcv_seg": {"roi_size": [16, 16, 16]},
+    "brats_seg": {"roi_size": [16, 16, 16]},
+    "cxr14_cls": {},
+    "msd_seg": {"roi_size": [16, 16, 16]},
+}
 # float16 caches keep [0, 1] CT to 2.4e-4 and z-scores to 1e-3 relative; 8-bit levels of chest films, normalised by
 # std 0.225, to 1/255/0.225 = 0.017
-TOLERANCE = {"btcv_seg": dict(rtol=0, atol=5e-4), "brats_seg": dict(rtol=2e-3, atol=2e-3),
-             "cxr14_cls": dict(rtol=0, atol=0.018), "msd_seg": dict(rtol=2e-3, atol=2e-3)}
+TOLERANCE = {
+    "btcv_seg": dict(rtol=0, atol=5e-4),
+    "brats_seg": dict(rtol=2e-3, atol=2e-3),
+    "cxr14_cls": dict(rtol=0, atol=0.018),
+    "msd_seg": dict(rtol=2e-3, atol=2e-3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +57,25 @@ def cases(tmp_path_factory):
     msd.prepare_datalist(msd_dir, eval_fraction=0.25, num_val_cases=1)  # the stages read its derived settings
     first = lambda folder, pattern: str(sorted(folder.glob(pattern))[0])  # noqa: E731
     return {
-        "btcv_seg": ({"image": first(btcv_dir, "RawData/Training/img/*.nii.gz"),
-                      "label": first(btcv_dir, "RawData/Training/label/*.nii.gz")}, btcv_dir),
-        "brats_seg": ({"image": first(brats_dir, "imagesTr/BRATS_*.nii.gz"), "label": first(brats_dir, "labelsTr/BRATS_*.nii.gz")},
-                      brats_dir),
+        "btcv_seg": (
+            {
+                "image": first(btcv_dir, "RawData/Training/img/*.nii.gz"),
+                "label": first(btcv_dir, "RawData/Training/label/*.nii.gz"),
+            },
+            btcv_dir,
+        ),
+        "brats_seg": (
+            {
+                "image": first(brats_dir, "imagesTr/BRATS_*.nii.gz"),
+                "label": first(brats_dir, "labelsTr/BRATS_*.nii.gz"),
+            },
+            brats_dir,
+        ),
         "cxr14_cls": ({"image": first(cxr_dir, "images/*.png"), "label": np.zeros(14, np.float32)}, cxr_dir),
-        "msd_seg": ({"image": first(msd_dir, "imagesTr/demo*.nii.gz"), "label": first(msd_dir, "labelsTr/demo*.nii.gz")},
-                    msd_dir),
+        "msd_seg": (
+            {"image": first(msd_dir, "imagesTr/demo*.nii.gz"), "label": first(msd_dir, "labelsTr/demo*.nii.gz")},
+            msd_dir,
+        ),
     }
 
 
@@ -83,6 +107,9 @@ def test_every_stage_feeds_the_network_the_same_image(bundle, cases):
     reference = images["evaluate"]
     assert reference.std() > 0, "the demo case must have content"
     for stage, image in images.items():
-        assert image.shape == reference.shape, f"{bundle}: {stage} gives shape {image.shape}, evaluate {reference.shape}"
-        np.testing.assert_allclose(image, reference, **TOLERANCE[bundle],
-                                   err_msg=f"{bundle}: {stage} preprocesses differently from evaluate")
+        assert image.shape == reference.shape, (
+            f"{bundle}: {stage} gives shape {image.shape}, evaluate {reference.shape}"
+        )
+        np.testing.assert_allclose(
+            image, reference, **TOLERANCE[bundle], err_msg=f"{bundle}: {stage} preprocesses differently from evaluate"
+        )

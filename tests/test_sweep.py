@@ -21,7 +21,9 @@ def test_sweep_2x1_grid_writes_csv_table_and_plot(tmp_path, monkeypatch):
     btcv.make_demo(data, num_test_cases=0, shape=(64, 64, 24))
     btcv.prepare_datalist(data)
     datalist = json.loads((data / "datalist.json").read_text())
-    datalist.update(training=datalist["training"][:2], validation=datalist["validation"][:1], evaluation=datalist["evaluation"][:1])
+    datalist.update(
+        training=datalist["training"][:2], validation=datalist["validation"][:1], evaluation=datalist["evaluation"][:1]
+    )
     (data / "datalist_tiny.json").write_text(json.dumps(datalist))
     out = tmp_path / "sweep"
     overrides = ["roi_size=[32,32,32]", "pixdim=[8.0,8.0,8.0]", "hidden_size=48", "num_workers=0", "batch_size=1",
@@ -51,4 +53,7 @@ def test_sweep_2x1_grid_writes_csv_table_and_plot(tmp_path, monkeypatch):
 
 def test_override_syntax():
     per_stage = sweep.parse_overrides(["hidden_size=48", "finetune:max_epochs=3"])
-    assert per_stage["pretrain"] == {"hidden_size": "48"} and per_stage["finetune"] == {"hidden_size": "48", "max_epochs": "3"}
+    assert per_stage["pretrain"] == {"hidden_size": "48"} and per_stage["finetune"] == {
+        "hidden_size": "48",
+        "max_epochs": "3",
+    }

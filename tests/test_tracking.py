@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from bundle_runner import REPO, configs, run_bundle
 from test_bundle_conformance import CASES, configs_of, meta_file, skip_reason
 
@@ -59,7 +58,9 @@ def test_tracking_mlflow_logs_losses_metric_and_config(bundle, stage, tmp_path):
     if stage == "finetune":
         assert _key_metric(bundle) in metrics, metrics
     # the executed config (config files + overrides) is stored with the run
-    artifacts = [(r.info.run_id, a.path) for r in runs for a in client.list_artifacts(r.info.run_id) if a.path.endswith(".json")]
+    artifacts = [
+        (r.info.run_id, a.path) for r in runs for a in client.list_artifacts(r.info.run_id) if a.path.endswith(".json")
+    ]
     assert artifacts, "the executed config was not logged"
     local = client.download_artifacts(*artifacts[0], dst_path=str(tmp_path / "artifacts"))
     executed = json.loads(open(local).read())

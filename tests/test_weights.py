@@ -45,7 +45,10 @@ def test_transfer_2d_into_classifier_including_position_embedding(tmp_path):
 def test_transfer_fails_loudly_on_a_different_roi(tmp_path):
     save_mae(tmp_path / "mae.pt", img_size=32)
     unetr = UNETR(1, 14, 48, skip_hidden_states=(0, 1, 2), **VIT)  # fine-tuning ROI differs from pre-training
-    with pytest.raises(CheckpointError, match=r"(?s)mae.pt does not fit.*encoder.pos_embed: checkpoint \(1, 9, 48\) vs model \(1, 28, 48\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)mae.pt does not fit.*encoder.pos_embed: checkpoint \(1, 9, 48\) vs model \(1, 28, 48\)",
+    ):
         transfer_encoder(unetr, tmp_path / "mae.pt")
 
 
@@ -85,8 +88,10 @@ def test_truncated_checkpoint_is_named(tmp_path):
         load_state_dict(tmp_path / "cut.pt")
 
 
-@pytest.mark.parametrize("content, found", [(b"hello\n", "text starting 'hello'"), (b"", "an empty file"),
-                                            (b"\x00\x01\x02\x03", "binary data")])
+@pytest.mark.parametrize(
+    "content, found",
+    [(b"hello\n", "text starting 'hello'"), (b"", "an empty file"), (b"\x00\x01\x02\x03", "binary data")],
+)
 def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content, found):
     (tmp_path / "notes.txt").write_bytes(content)
     with pytest.raises(CheckpointError) as err:

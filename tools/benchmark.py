@@ -54,7 +54,6 @@ runs the whole volume.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import json
 import math
@@ -79,7 +78,13 @@ if str(REPO) not in sys.path:
 
 from selfmedmae_components import registry  # noqa: E402
 from selfmedmae_components.engines import (  # noqa: E402
-    AutocastInferer, MAETrainingStep, TrainingStep, autocast_dtype, cpu_capability, precision_choice, setup_run,
+    AutocastInferer,
+    MAETrainingStep,
+    TrainingStep,
+    autocast_dtype,
+    cpu_capability,
+    precision_choice,
+    setup_run,
 )
 
 MODEL_KEYS = (
@@ -110,7 +115,9 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.kind = "cuda max allocated above the allocation before the step" if device.type == "cuda" else "cpu rss rise"
+        self.kind = (
+            "cuda max allocated above the allocation before the step" if device.type == "cuda" else "cpu rss rise"
+        )
         self.total: float | None = None
         try:
             self._libc = ctypes.CDLL("libc.so.6")
@@ -341,7 +348,9 @@ def preset_settings(preset: str, overrides: dict) -> dict:
     for k, v in overrides.items():
         if v is not None:
             s[k] = v
-    if s.get("skip_hidden_states") and max(s["skip_hidden_states"]) >= s["num_layers"]:  # a shrunken ViT: spread the skips
+    if (
+        s.get("skip_hidden_states") and max(s["skip_hidden_states"]) >= s["num_layers"]
+    ):  # a shrunken ViT: spread the skips
         n = s["num_layers"]
         s["skip_hidden_states"] = tuple(max(0, round(k * n / 12) - 1) for k in (4, 7, 10))  # blocks 4, 7, 10 of 12
     return s
@@ -392,7 +401,9 @@ def mae_variants(cfg, preset, device, batch, mask_ratios, amp, fused, compile_, 
     log(f"MAE: ours {n_ours / 1e6:.1f} M trainable parameters, MONAI {n_theirs / 1e6:.1f} M")
     x = torch.rand(batch, cfg["in_channels"], *cfg["roi_size"], device=device)
     kw = _lr_parts(cfg)
-    opt_ours = fused_adamw(param_groups_weight_decay(ours, kw["lr"], kw["weight_decay"]), device, fused, betas=kw["betas"])
+    opt_ours = fused_adamw(
+        param_groups_weight_decay(ours, kw["lr"], kw["weight_decay"]), device, fused, betas=kw["betas"]
+    )
     opt_theirs = torch.optim.AdamW(theirs.parameters(), **kw)  # what a MONAI user writes: torch's default
     phase_ours: dict = {}
     phase_theirs: dict = {}
@@ -405,9 +416,13 @@ def mae_variants(cfg, preset, device, batch, mask_ratios, amp, fused, compile_, 
     for mr in mask_ratios:
         info = dict(mask_ratio=mr, visible_tokens=int(ours.encoder.num_patches * (1 - mr)))
 
-        def ours_variant(amp_on: bool, net: torch.nn.Module, suffix: str = "", mr: float = mr) -> Variant:
+        def ours_variant(
+            amp_on: bool, net: torch.nn.Module, suffix: str = "", mr: float = mr, info: dict = info
+        ) -> Variant:
             step = MAETrainingStep(mask_ratio=mr, amp=amp_on)
-            engine = SimpleNamespace(state=SimpleNamespace(device=device), non_blocking=True, network=net, optimizer=opt_ours)
+            engine = SimpleNamespace(
+                state=SimpleNamespace(device=device), non_blocking=True, network=net, optimizer=opt_ours
+            )
             eager = SimpleNamespace(**{**engine.__dict__, "network": ours})
             prec = _prec(step.dtype(device))
             return Variant(
@@ -415,7 +430,7 @@ def mae_variants(cfg, preset, device, batch, mask_ratios, amp, fused, compile_, 
                 flops=lambda: count_flops(lambda: step(eager, batchdata)), phase=phase_ours, info=info,
             )  # fmt: skip
 
-        def monai_variant(dtype: torch.dtype | None, mr: float = mr) -> Variant:
+        def monai_variant(dtype: torch.dtype | None, mr: float = mr, info: dict = info) -> Variant:
             def run() -> None:
                 opt_theirs.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -479,7 +494,9 @@ def finetune_variants(cfg, preset, device, batch, amp, fused, compile_, log) -> 
     opt = fused_adamw(groups, device, fused, betas=c["finetune_betas"])
     phase: dict = {}
     timed_optimizer(opt, device, phase)
-    log(f"fine-tune: {label}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters, loss {type(loss_fn).__name__}")
+    log(
+        f"fine-tune: {label}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters, loss {type(loss_fn).__name__}"
+    )
     out = []
     nets = [(net, "")] + ([(torch.compile(net), " + compile")] if compile_ else [])
     for amp_on in [False] + ([True] if amp and autocast_dtype(device, True) else []):
@@ -494,8 +511,11 @@ def finetune_variants(cfg, preset, device, batch, amp, fused, compile_, log) -> 
             out.append(
                 Variant(
                     f"{label} {_short(prec)}{suffix}",
-                    (lambda s=step, e=engine: s(e, bd)), batch, prec, "finetune",
-                    flops=lambda s=step, e=flop_engine: count_flops(lambda: s(e, bd)),
+                    (lambda s=step, e=engine, b=bd: s(e, b)),
+                    batch,
+                    prec,
+                    "finetune",
+                    flops=lambda s=step, e=flop_engine, b=bd: count_flops(lambda: s(e, b)),
                     phase=phase,
                 )  # fmt: skip
             )
@@ -597,12 +617,34 @@ def sw_variants(cfg, preset, device, amp, sw_measure_size, fast_overlap, fast_sw
         make(f"ours fp32 (ov {base_ov}, sw {base_bs})", ours, None, base_ov, base_bs, "inference_mode", "float32"),
     ]
     if fast is not None:
-        vs.append(make(f"ours {fast_name} (ov {base_ov}, sw {base_bs})", ours, fast, base_ov, base_bs, "inference_mode", fast_name))
+        vs.append(
+            make(
+                f"ours {fast_name} (ov {base_ov}, sw {base_bs})",
+                ours,
+                fast,
+                base_ov,
+                base_bs,
+                "inference_mode",
+                fast_name,
+            )
+        )
     big = fast_sw_batch or (4 * base_bs if device.type == "cuda" else None)
     if big and big != base_bs:
-        vs.append(make(f"ours {fast_name} (ov {base_ov}, sw {big})", ours, fast, base_ov, big, "inference_mode", fast_name))
+        vs.append(
+            make(f"ours {fast_name} (ov {base_ov}, sw {big})", ours, fast, base_ov, big, "inference_mode", fast_name)
+        )
     if fast_overlap is not None and fast_overlap != base_ov:
-        vs.append(make(f"ours {fast_name} (ov {fast_overlap}, sw {base_bs}) [trade-off]", ours, fast, fast_overlap, base_bs, "inference_mode", fast_name))
+        vs.append(
+            make(
+                f"ours {fast_name} (ov {fast_overlap}, sw {base_bs}) [trade-off]",
+                ours,
+                fast,
+                fast_overlap,
+                base_bs,
+                "inference_mode",
+                fast_name,
+            )
+        )
     ref_name = vs[1].name
     return vs, outputs, ref_name, measure, full
 
@@ -615,7 +657,9 @@ def label_agreement(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> 
         denom = r.sum() + p.sum()
         if r.any():
             dices.append(float(2 * (r & p).sum() / denom))
-    return dict(dice_vs_ours_fp32=float(np.mean(dices)) if dices else None, voxel_agreement=float((pred == ref).float().mean()))
+    return dict(
+        dice_vs_ours_fp32=float(np.mean(dices)) if dices else None, voxel_agreement=float((pred == ref).float().mean())
+    )
 
 
 # ----------------------------------------------------------------------------- 4. data pipeline
@@ -648,7 +692,9 @@ def data_pipeline(preset: str, data_dir: str | None, n_volumes: int, items_per_c
                 keys = setting(parser, "train#keys") or setting(parser, "keys") or default
                 data = [{k: d[k] for k in (keys if isinstance(keys, list) else [keys]) if k in d} for d in items]
                 if config == "pretrain":  # what pre-training reads (cxr14: the images only)
-                    data = [{k: v for k, v in d.items() if k in registry.get(preset).geometry.pretrain_keys} for d in data]
+                    data = [
+                        {k: v for k, v in d.items() if k in registry.get(preset).geometry.pretrain_keys} for d in data
+                    ]
                 parser["train#data"] = data
                 set_determinism(0)
                 t = time.perf_counter()
@@ -774,7 +820,9 @@ def main(
         env["monai"] = monai.__version__
     except ImportError:
         pass
-    log(f"{env['device_name']} ({env['cpu_model']}), {env['threads']} threads, torch {env['torch']}, amp {env['amp_dtype']}")
+    log(
+        f"{env['device_name']} ({env['cpu_model']}), {env['threads']} threads, torch {env['torch']}, amp {env['amp_dtype']}"
+    )
     log(f"precision: {precision_reason}")
     log("settings: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     if dev.type == "cpu" and hasattr(os, "getloadavg"):
@@ -857,8 +905,10 @@ def main(
             need = max(r["items_per_s"] for r in mae_rows)
             workers = math.ceil(need / pre[0]["crops_per_s"])
             results["data_workers_needed"] = workers
-            log(f"data: the fastest MAE step consumes {need:.2f} crops/s; one loader worker makes "
-                f"{pre[0]['crops_per_s']:.1f}: {workers} worker(s) keep the model the bottleneck")
+            log(
+                f"data: the fastest MAE step consumes {need:.2f} crops/s; one loader worker makes "
+                f"{pre[0]['crops_per_s']:.1f}: {workers} worker(s) keep the model the bottleneck"
+            )
     results["wall_s"] = time.perf_counter() - t_start
     log(f"done in {results['wall_s']:.0f}s")
     if out:

@@ -60,7 +60,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-
 def _load_registry():
     """selfmedmae_components/registry.py of this tool's own tree, loaded on its own: with ``--repo`` (``--baseline``)
     the package imported is another checkout's, which may predate the registry; the registry imports none of it."""
@@ -343,8 +342,10 @@ def main(
     bundles = [registry.get(b).bundle for b in (bundles.split(",") if isinstance(bundles, str) else list(bundles))]
     for bundle in bundles:
         if derives_from_datalist(bundle):
-            raise SystemExit(f"error: {bundle} takes its geometry from a prepared datalist (tools/prepare.py); "
-                             "tools/data_benchmark.py measures the bundles of a fixed dataset geometry only")
+            raise SystemExit(
+                f"error: {bundle} takes its geometry from a prepared datalist (tools/prepare.py); "
+                "tools/data_benchmark.py measures the bundles of a fixed dataset geometry only"
+            )
     configs = configs.split(",") if isinstance(configs, str) else list(configs)
     t0 = time.perf_counter()
 
@@ -372,10 +373,15 @@ def main(
         for bundle in bundles:
             items = items_of[bundle]
             # untimed warm-up: the first case loads readers and libraries, which would count as cache
-            build_cached(config_parser(bundle, configs[0], {"train#data": items[:1], "train#dataset#progress": False}), "train#dataset")
+            build_cached(
+                config_parser(bundle, configs[0], {"train#data": items[:1], "train#dataset#progress": False}),
+                "train#dataset",
+            )
             for config in configs:
                 results[(bundle, config, "now")] = measure(bundle, config, items, batches, log)
-    results = dict(sorted(results.items(), key=lambda kv: (bundles.index(kv[0][0]), configs.index(kv[0][1]), kv[0][2] == "now")))
+    results = dict(
+        sorted(results.items(), key=lambda kv: (bundles.index(kv[0][0]), configs.index(kv[0][1]), kv[0][2] == "now"))
+    )
     table = report(results, base_mb, gpu_tflops)
     print("\n" + table)
     if out:

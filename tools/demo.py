@@ -94,9 +94,13 @@ class StageProgress:
         if not self.epochs:
             what = f"caching {self.caching}" if self.caching else "running"
             return f"{self.label}  {what}  {duration(self.now - self.start)}"
-        epoch, loss = (self.completed, self.epoch_loss) if settled else (self.epoch, sum(self.losses) / len(self.losses))
+        epoch, loss = (
+            (self.completed, self.epoch_loss) if settled else (self.epoch, sum(self.losses) / len(self.losses))
+        )
         eta = self.eta()
-        return f"{self.label}  epoch {epoch}/{self.epochs}  loss {loss:.4f}  ETA {'--' if eta is None else duration(eta)}"
+        return (
+            f"{self.label}  epoch {epoch}/{self.epochs}  loss {loss:.4f}  ETA {'--' if eta is None else duration(eta)}"
+        )
 
     def report_due(self, last_reported: int) -> bool:
         """For a log that is not a terminal: a line every tenth of the epochs (and at the last one)."""

@@ -32,9 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from scipy import stats
-
 import sweep  # tools/sweep.py: the bundle runner shared by the experiment tools
+from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -56,14 +55,18 @@ def prepare_data(bundle: str, data_root: Path, labelled: int) -> tuple[Path, Pat
     data = data_root / entry.demo_run.dataset
     if not (data / "datalist.json").is_file():
         make = BUNDLES[entry.bundle]["make"]
-        subprocess.run([sys.executable, "tools/make_demo_data.py", entry.name, str(data_root), *make], cwd=REPO, check=True)
+        subprocess.run(
+            [sys.executable, "tools/make_demo_data.py", entry.name, str(data_root), *make], cwd=REPO, check=True
+        )
         subprocess.run([sys.executable, "tools/prepare.py", entry.name, str(data)], cwd=REPO, check=True)
     datalist = json.loads((data / "datalist.json").read_text())
     if labelled > len(datalist["training"]):
         raise SystemExit(f"--labelled {labelled}: the datalist has {len(datalist['training'])} training cases")
     images = [{"image": c["image"]} for c in datalist["training"] + datalist["validation"] + datalist.get("test", [])]
     mae = dict(datalist, training=images, validation=[])  # labels left out: MAE never sees them
-    few = dict(datalist, training=datalist["training"][:labelled], validation=[])  # validation_mode none trains on both lists
+    few = dict(
+        datalist, training=datalist["training"][:labelled], validation=[]
+    )  # validation_mode none trains on both lists
     paths = data / "datalist_mae_all_unlabelled.json", data / f"datalist_{labelled}_labelled.json"
     for path, content in zip(paths, (mae, few)):
         path.write_text(json.dumps(content, indent=1))
@@ -146,7 +149,9 @@ def experiment(bundle: str, workdir: str, labelled: int, seeds: list[int], pretr
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--bundle", choices=sorted(BUNDLES), default="btcv_seg")
     p.add_argument("--workdir", default="demo_experiment")
     p.add_argument("--labelled", type=int, default=2, help="labelled training cases used for fine-tuning")

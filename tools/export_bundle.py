@@ -57,7 +57,9 @@ def package_requirements(package: str = PACKAGE) -> dict[str, str]:
     try:
         requires = importlib.metadata.requires(package) or []
     except importlib.metadata.PackageNotFoundError as e:
-        raise ExportError(f"{package} is not installed (pip install -e .): its requirements name the packages to list.") from e
+        raise ExportError(
+            f"{package} is not installed (pip install -e .): its requirements name the packages to list."
+        ) from e
     out = {}
     for req in requires:
         if "extra ==" in req.replace('"', " "):
@@ -66,14 +68,18 @@ def package_requirements(package: str = PACKAGE) -> dict[str, str]:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError as e:
-            raise ExportError(f"{package} requires {name}, which is not installed here: install it before exporting.") from e
+            raise ExportError(
+                f"{package} requires {name}, which is not installed here: install it before exporting."
+            ) from e
     return out
 
 
 def exported_metadata(meta: dict) -> dict:
     """The bundle's metadata with ``required_packages_version`` listing what the export needs to run."""
     meta = dict(meta)
-    required = {k: v for k, v in meta.get("required_packages_version", {}).items() if _canonical(k) != _canonical(PACKAGE)}
+    required = {
+        k: v for k, v in meta.get("required_packages_version", {}).items() if _canonical(k) != _canonical(PACKAGE)
+    }
     for name, version in package_requirements().items():
         if _canonical(name) in VERSION_KEYS:
             continue
@@ -294,9 +300,16 @@ def bundle_of_run(run: Path) -> str:
     return str(Path(configs).parent)
 
 
-def export_bundle(bundle: str | Path | None, out: str | Path, weights: str | Path | None = None, name: str | None = None,
-                  force: bool = False, make_zip: bool = True, run: str | Path | None = None,
-                  settings: dict | None = None) -> Path:
+def export_bundle(
+    bundle: str | Path | None,
+    out: str | Path,
+    weights: str | Path | None = None,
+    name: str | None = None,
+    force: bool = False,
+    make_zip: bool = True,
+    run: str | Path | None = None,
+    settings: dict | None = None,
+) -> Path:
     """Write ``<out>/<name>/`` (and ``<out>/<name>.zip``); returns the bundle folder.
 
     ``run``: a training run's folder (its models/model.pt, models/mae_pretrain.pt and models/finetune_run.json);
@@ -388,9 +401,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", nargs="?", help="bundle name under bundles/ (btcv_seg, brats_seg, cxr14_cls) or a bundle "
                         "folder; optional with --run (the run record names it)")  # fmt: skip
-    parser.add_argument("--run", help="a training run's folder (its bundle_root): its weights, MAE weights and recorded settings")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a top-level id in the exported configs (VALUE as JSON, e.g. --set hidden_size=96)")
+    parser.add_argument(
+        "--run", help="a training run's folder (its bundle_root): its weights, MAE weights and recorded settings"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a top-level id in the exported configs (VALUE as JSON, e.g. --set hidden_size=96)",
+    )
     parser.add_argument("--out", required=True, help="folder to write <name>/ and <name>.zip into")
     parser.add_argument("--weights", help="checkpoint to include as models/model.pt (tensors only)")
     parser.add_argument("--name", help="name of the exported bundle (default: the bundle's folder name)")
@@ -407,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
                 settings[key] = json.loads(value)
             except json.JSONDecodeError:
                 settings[key] = value
-        dest = export_bundle(args.bundle, args.out, args.weights, args.name, args.force, not args.no_zip, args.run, settings)
+        dest = export_bundle(
+            args.bundle, args.out, args.weights, args.name, args.force, not args.no_zip, args.run, settings
+        )
     except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"export_bundle: {e}", file=sys.stderr)
         return 1

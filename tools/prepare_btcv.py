@@ -1,6 +1,6 @@
 """Check a downloaded BTCV and write its datalist with the paper's split (``tools/prepare.py btcv``).
 
-    python tools/prepare_btcv.py /data/btcv [--output PATH] [--num_val_cases 2] [--seed 0] [--check_files False]
+python tools/prepare_btcv.py /data/btcv [--output PATH] [--num_val_cases 2] [--seed 0] [--check_files False]
 """
 
 import sys

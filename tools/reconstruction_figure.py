@@ -112,8 +112,16 @@ def compose_figure(columns: list[list[np.ndarray]], names: list[str], title: str
 
 
 def make_figure(
-    checkpoint: str, bundle: str, dataset_dir: str, out: str, cases: int = 4, mask_ratio: float | None = None,
-    split: str = "evaluation", presets: list[str] | None = None, overrides: dict | None = None, seed: int = 0,
+    checkpoint: str,
+    bundle: str,
+    dataset_dir: str,
+    out: str,
+    cases: int = 4,
+    mask_ratio: float | None = None,
+    split: str = "evaluation",
+    presets: list[str] | None = None,
+    overrides: dict | None = None,
+    seed: int = 0,
 ) -> Path:
     from monai.utils import set_determinism
 
@@ -122,7 +130,12 @@ def make_figure(
 
     entry = registry.find(bundle)  # a dataset's name (btcv) stands for its bundle folder (btcv_seg)
     bundle = entry.bundle if entry else bundle
-    settings = {"dataset_dir": str(dataset_dir), "device": "$torch.device('cpu')", "num_workers": 0, **(overrides or {})}
+    settings = {
+        "dataset_dir": str(dataset_dir),
+        "device": "$torch.device('cpu')",
+        "num_workers": 0,
+        **(overrides or {}),
+    }
     parser = bundle_parser(bundle, "pretrain", presets or [], settings)
     if "mae_crops" in parser.get():
         parser["mae_crops"] = "random"  # images only: the figure needs no labels
@@ -162,7 +175,9 @@ def make_figure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="MAE pre-training checkpoint (models/mae_pretrain.pt)")
     p.add_argument("--bundle", default="btcv_seg", help="a bundle folder under bundles/ or its dataset's name: "
                    + ", ".join(f"{d.bundle} ({d.name})" for d in registry.DATASETS))  # fmt: skip
@@ -170,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", type=int, default=4, help="columns (cases) in the figure")
     p.add_argument("--mask_ratio", type=float, default=None, help="default: the config's (pre-training) mask ratio")
     p.add_argument("--split", default="evaluation", help="datalist list the cases come from")
-    p.add_argument("--preset", action="append", default=[], help="extra config of the bundle layered on pretrain.yaml (e.g. demo)")
+    p.add_argument(
+        "--preset", action="append", default=[], help="extra config of the bundle layered on pretrain.yaml (e.g. demo)"
+    )
     p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="config ids as pre-trained, e.g. roi_size=[32,32,32] hidden_size=48")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")

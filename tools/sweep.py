@@ -72,7 +72,9 @@ def run_logged(cmd: list[str], log: Path) -> float:
     seconds = time.time() - start
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"failed ({proc.returncode}) after {seconds:.0f} s: {shlex.join(cmd)}\n--- {log} (tail)\n{tail}")
+        raise SystemExit(
+            f"failed ({proc.returncode}) after {seconds:.0f} s: {shlex.join(cmd)}\n--- {log} (tail)\n{tail}"
+        )
     return seconds
 
 
@@ -221,13 +223,20 @@ def sweep(bundle: str, mask_ratios: list[float], pretrain_epochs: list[int], dat
         for ratio in mask_ratios:
             root = out_dir / "cells" / f"mask{ratio:g}_ep{epochs}"
             settings = {
-                "pretrain": {"dataset_dir": dataset_dir, **per_stage["pretrain"], "mask_ratio": ratio, "max_epochs": epochs},
+                "pretrain": {
+                    "dataset_dir": dataset_dir,
+                    **per_stage["pretrain"],
+                    "mask_ratio": ratio,
+                    "max_epochs": epochs,
+                },
                 "finetune": {"dataset_dir": dataset_dir, "init_mode": "mae", **per_stage["finetune"]},
                 "evaluate": {"dataset_dir": dataset_dir, **per_stage["evaluate"]},
             }
             summary = run_pipeline(root, bundle, presets or [], settings, label=f"mask {ratio:g}, {epochs} epochs")
             times = {k: summary[k] for k in ("pretrain_s", "finetune_s", "evaluate_s")}
-            rows.append({"bundle": bundle, "mask_ratio": ratio, "pretrain_epochs": epochs, **metrics_of(summary), **times})
+            rows.append(
+                {"bundle": bundle, "mask_ratio": ratio, "pretrain_epochs": epochs, **metrics_of(summary), **times}
+            )
     metric = metric or default_metric(rows)
     if metric not in rows[0]:
         raise SystemExit(f"--metric {metric!r} not among {[k for k in rows[0] if ':' in k or k == 'mean_auc']}")
@@ -244,10 +253,14 @@ def floats(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--bundle", default="btcv_seg")
     p.add_argument("--mask_ratios", type=floats, default=floats("0.125,0.75"), help="comma-separated")
-    p.add_argument("--pretrain_epochs", type=lambda t: [int(x) for x in floats(t)], default=[500], help="comma-separated")
+    p.add_argument(
+        "--pretrain_epochs", type=lambda t: [int(x) for x in floats(t)], default=[500], help="comma-separated"
+    )
     p.add_argument("--dataset_dir", required=True)
     p.add_argument("--out", required=True, help="output folder (cells/, results.csv, results.md, results.png)")
     p.add_argument("--preset", action="append", default=[], help="extra config layered on every stage (e.g. demo)")

@@ -72,9 +72,7 @@ def load_datalist(datalist_file: str | os.PathLike, keys: str | list[str], base_
         with open(datalist_file) as f:
             available = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(
-            f"{datalist_file} is not a datalist JSON file ({e}); write it with tools/prepare.py."
-        ) from e
+        raise DatasetError(f"{datalist_file} is not a datalist JSON file ({e}); write it with tools/prepare.py.") from e
     if not isinstance(available, dict):
         raise DatasetError(f"{datalist_file} is not a datalist: expected a JSON object with 'training' ... lists.")
     items: list[dict] = []

@@ -29,13 +29,27 @@ from .common import DatasetError, progress
 __all__ = ["CLASSES", "parse_findings", "split_by_patient", "prepare_datalist"]
 
 CLASSES = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
 )
 NO_FINDING = "No Finding"
 CSV_NAME, TRAIN_VAL_LIST, TEST_LIST = "Data_Entry_2017.csv", "train_val_list.txt", "test_list.txt"
-CSV_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+CSV_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 LAYOUT = f"expected the NIH ChestX-ray14 layout: images/*.png, {CSV_NAME}, {TRAIN_VAL_LIST}, {TEST_LIST}"
 _SHOW = 10  # how many offending names an error lists before giving the count
@@ -78,8 +92,10 @@ def _read_entries(csv_path: Path) -> dict[str, tuple[list[float], str]]:
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
-            raise DatasetError(f"{csv_path} lacks column(s) {missing}; expected a header with "
-                               f"{list(REQUIRED_COLUMNS)} (found {header})")
+            raise DatasetError(
+                f"{csv_path} lacks column(s) {missing}; expected a header with "
+                f"{list(REQUIRED_COLUMNS)} (found {header})"
+            )
         col = {c: header.index(c) for c in REQUIRED_COLUMNS}
         for line, row in enumerate(reader, start=2):
             if not row:
@@ -216,8 +232,10 @@ def prepare_datalist(
         with ThreadPoolExecutor(max(1, num_workers)) as pool:  # PIL decodes without holding the GIL
             bad = [e for e in progress(pool.map(_decode_error, paths), len(paths), what) if e]
         if bad:
-            raise DatasetError(f"{len(bad)} image(s) under {root / 'images'} cannot be decoded "
-                               f"(expected PNG files PIL can read): {_some(bad)}")
+            raise DatasetError(
+                f"{len(bad)} image(s) under {root / 'images'} cannot be decoded "
+                f"(expected PNG files PIL can read): {_some(bad)}"
+            )
 
     labels = {n: lab for n, (lab, _) in entries.items()}
     patients = {n: pat for n, (_, pat) in entries.items()}
@@ -226,10 +244,16 @@ def prepare_datalist(
     datalist = {
         "name": "NIH ChestX-ray14",
         "description": "Multi-label chest X-ray classification, 14 findings; official patient-wise "
-                       "train_val/test lists, validation carved from train_val by patient.",
+        "train_val/test lists, validation carved from train_val by patient.",
         "labels": {"classes": list(CLASSES)},
-        "split": {"train_val_list": TRAIN_VAL_LIST, "test_list": TEST_LIST, "validation_by": "Patient ID",
-                  "val_fraction": val_fraction, "seed": seed, **{f"num_{k}": len(v) for k, v in lists.items()}},
+        "split": {
+            "train_val_list": TRAIN_VAL_LIST,
+            "test_list": TEST_LIST,
+            "validation_by": "Patient ID",
+            "val_fraction": val_fraction,
+            "seed": seed,
+            **{f"num_{k}": len(v) for k, v in lists.items()},
+        },
         **{k: [{"image": index[n], "label": labels[n]} for n in v] for k, v in lists.items()},
     }
     out = write_json_atomic(datalist, Path(output) if output else root / "datalist.json")
@@ -245,8 +269,9 @@ def _print_summary(out: Path, lists: dict, labels: dict, patients: dict) -> None
     print(f"  {'positives':<20}" + "".join(f"{k:>12}" for k in lists))
     for i, c in enumerate(CLASSES):
         print(f"  {c:<20}" + "".join(f"{int(pos[k][i]):>12}" for k in lists))
-    absent = [f"{c} ({k})" for k in ("validation", "evaluation") if lists[k]
-              for i, c in enumerate(CLASSES) if pos[k][i] == 0]
+    absent = [
+        f"{c} ({k})" for k in ("validation", "evaluation") if lists[k] for i, c in enumerate(CLASSES) if pos[k][i] == 0
+    ]
     if absent:
         print(f"  warning: no positives, so no AUC, for: {', '.join(absent)}")
 

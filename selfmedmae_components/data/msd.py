@@ -46,8 +46,8 @@ __all__ = ["prepare_datalist", "dataset_properties", "read_dataset_json", "media
            "foreground_window"]  # fmt: skip
 
 LAYOUT = (
-    "Expected the Medical Segmentation Decathlon layout: <dataset_dir>/dataset.json (with \"modality\", \"labels\", "
-    "\"training\": [{\"image\": \"./imagesTr/x.nii.gz\", \"label\": \"./labelsTr/x.nii.gz\"}], \"test\"), "
+    'Expected the Medical Segmentation Decathlon layout: <dataset_dir>/dataset.json (with "modality", "labels", '
+    '"training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}], "test"), '
     "<dataset_dir>/imagesTr/, <dataset_dir>/labelsTr/, <dataset_dir>/imagesTs/."
 )
 ROI_STEP, ROI_MAX = 16, 96  # UNETR's patch size; the paper's crop
@@ -111,7 +111,9 @@ def median_spacing(spacings: list[np.ndarray]) -> list[float]:
     return [round(float(v), 2) for v in np.median(np.asarray(spacings), axis=0)]
 
 
-def fitting_roi(sizes_mm: list[np.ndarray], pixdim: list[float], step: int = ROI_STEP, largest: int = ROI_MAX) -> list[int]:
+def fitting_roi(
+    sizes_mm: list[np.ndarray], pixdim: list[float], step: int = ROI_STEP, largest: int = ROI_MAX
+) -> list[int]:
     """Per axis the largest multiple of ``step`` (at most ``largest``, at least ``step``) that fits the median case
     resampled to ``pixdim``."""
     median_voxels = np.median(np.asarray(sizes_mm), axis=0) / np.asarray(pixdim, float)
@@ -201,7 +203,9 @@ def prepare_datalist(
     tests = [t for t in tests if (root / t).is_file()]
     spacings, sizes_mm, samples = [], [], []
     rng = np.random.default_rng(seed)
-    cases = [(p["image"], p["label"], bool(is_training[i])) for i, p in enumerate(pairs)] + [(t, None, False) for t in tests]
+    cases = [(p["image"], p["label"], bool(is_training[i])) for i, p in enumerate(pairs)] + [
+        (t, None, False) for t in tests
+    ]
     if check_files or needs_window:
         cases = progress(cases, len(cases), f"Reading the {len(cases)} cases of {root} (--check_files False: less)")
     for image, label, train in cases:

@@ -126,9 +126,7 @@ class MaskedAutoencoder(nn.Module):
         ids_keep, mask, ids_restore = self.masking_ids(x.shape[0], x.shape[1], mask_ratio, x.device)
         return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[2])), mask, ids_restore
 
-    def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask, embed and encode the visible patches only: latent (N, 1 + L_keep, D), mask, ids_restore."""
         ids_keep, mask, ids_restore = self.masking_ids(imgs.shape[0], self.encoder.num_patches, mask_ratio, imgs.device)
         x = self.encoder.embed_patches(imgs, ids_keep)  # (N, L_keep, D), position embedding added

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, SABlock
-from torch.utils.checkpoint import checkpoint
 from monai.networks.layers import Conv, DropPath
 from monai.utils import ensure_tuple_rep
+from torch.utils.checkpoint import checkpoint
 
 from ..bundle_utils import as_bool
 from .pos_embed import sincos_pos_embed

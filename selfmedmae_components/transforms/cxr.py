@@ -55,8 +55,10 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_EXPECTED = ("expected a 2D image PIL can read (PNG, JPEG, TIFF, ...), a single-frame DICOM file or a single-slice "
-             "NIfTI/NRRD volume")
+_EXPECTED = (
+    "expected a 2D image PIL can read (PNG, JPEG, TIFF, ...), a single-frame DICOM file or a single-slice "
+    "NIfTI/NRRD volume"
+)
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 # what 3D Slicer holds (and sends to MONAI Label) after loading a radiograph: a volume with one slice
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -80,7 +82,9 @@ def _volume_to_unit(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
     except Exception as e:
         raise ValueError(f"cannot read {path} as a NIfTI/NRRD volume: {e}; {_EXPECTED}") from e
     arr = np.asarray(vol)
-    spacing = np.sqrt((np.asarray(vol.affine, dtype=np.float64)[:3, :2] ** 2).sum(axis=0)) if arr.ndim >= 2 else (1.0, 1.0)
+    spacing = (
+        np.sqrt((np.asarray(vol.affine, dtype=np.float64)[:3, :2] ** 2).sum(axis=0)) if arr.ndim >= 2 else (1.0, 1.0)
+    )
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim != 2:
@@ -208,8 +212,12 @@ class LoadChestXRay(Transform):
         if arr.ndim != 2:
             raise ValueError(f"{path}: pixel array of shape {arr.shape}; {_EXPECTED}")
         affine = torch.diag(torch.tensor([spacing[0], spacing[1], 1.0], dtype=torch.float64))
-        meta = {"filename_or_obj": str(path), "spatial_shape": np.asarray(arr.shape),
-                "original_channel_dim": 0, "format": fmt}
+        meta = {
+            "filename_or_obj": str(path),
+            "spatial_shape": np.asarray(arr.shape),
+            "original_channel_dim": 0,
+            "format": fmt,
+        }
         return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr))[None], affine=affine, meta=meta)
 
     def _dicom(self, path: Path, force: bool) -> tuple[np.ndarray, tuple[float, float]]:
@@ -381,8 +389,9 @@ class RandResizedCropd(Randomizable, MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"expected 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
-                             f"got scale={scale}, ratio={ratio}")
+            raise ValueError(
+                f"expected 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got scale={scale}, ratio={ratio}"
+            )
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.size, self.mode = ensure_tuple_rep(size, 2), mode
         self.antialias = anti_aliasing and mode in ("bilinear", "bicubic")
@@ -403,7 +412,9 @@ class RandResizedCropd(Randomizable, MapTransform):
             x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
             x = x[None, :, top : top + h, left : left + w].float()
             align = False if self.mode in ("bilinear", "bicubic") else None
-            out = torch.nn.functional.interpolate(x, self.size, mode=self.mode, align_corners=align, antialias=self.antialias)
+            out = torch.nn.functional.interpolate(
+                x, self.size, mode=self.mode, align_corners=align, antialias=self.antialias
+            )
             d[key] = convert_to_dst_type(out[0], dst=img, dtype=torch.float32)[0]
         return d
 
@@ -459,8 +470,10 @@ class PrepareChestXRayBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = batchdata["image"]
         if image.dtype != torch.uint8 or image.shape[1] != 1:
-            raise ValueError(f"expected 8-bit single-channel images (B, 1, H, W) uint8, got {tuple(image.shape)} "
-                             f"{image.dtype}; the bundle's transforms end with ToUInt8d")
+            raise ValueError(
+                f"expected 8-bit single-channel images (B, 1, H, W) uint8, got {tuple(image.shape)} "
+                f"{image.dtype}; the bundle's transforms end with ToUInt8d"
+            )
         image = image.to(device=device, non_blocking=non_blocking).float().div_(255)
         shape = (1, self.channels) + (1,) * (image.ndim - 2)
         mean = torch.tensor(self.mean, device=image.device).view(shape)

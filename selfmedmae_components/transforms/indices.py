@@ -38,7 +38,9 @@ class PackedIndices:
         mask = np.zeros(int(size), dtype=bool)
         mask[indices] = True
         self.bits = np.packbits(mask)
-        self.ends = np.cumsum(np.bincount(indices // self.BLOCK, minlength=-(-int(size) // self.BLOCK)))  # set bits up to each block's end
+        self.ends = np.cumsum(
+            np.bincount(indices // self.BLOCK, minlength=-(-int(size) // self.BLOCK))
+        )  # set bits up to each block's end
         self.size = int(size)
 
     def __len__(self) -> int:

@@ -84,7 +84,9 @@ OPS: dict[str, Callable[[torch.Tensor, float, float, float], torch.Tensor]] = {
 }
 
 
-def apply_op(name: str, img: torch.Tensor, magnitude: float, sign: float = 1.0, fill: float = IMAGENET_MEAN[0]) -> torch.Tensor:
+def apply_op(
+    name: str, img: torch.Tensor, magnitude: float, sign: float = 1.0, fill: float = IMAGENET_MEAN[0]
+) -> torch.Tensor:
     """Apply one RandAugment operation at ``magnitude`` (0-10) to a (C, H, W) image in [0, 1]."""
     if name not in OPS:
         raise ValueError(f"unknown RandAugment op {name!r}; expected one of {sorted(OPS)}")
@@ -130,8 +132,9 @@ class RandAugmentd(Randomizable, MapTransform):
         if unknown or not self.ops:
             raise ValueError(f"unknown RandAugment op(s) {unknown}; expected a non-empty subset of {sorted(OPS)}")
         if num_ops < 0 or not 0 <= magnitude <= 10 or not 0 <= prob <= 1:
-            raise ValueError(f"expected num_ops >= 0, 0 <= magnitude <= 10 and 0 <= prob <= 1, "
-                             f"got {num_ops}, {magnitude}, {prob}")
+            raise ValueError(
+                f"expected num_ops >= 0, 0 <= magnitude <= 10 and 0 <= prob <= 1, got {num_ops}, {magnitude}, {prob}"
+            )
         self.num_ops, self.magnitude, self.magnitude_std = int(num_ops), float(magnitude), float(magnitude_std)
         self.prob, self.fill = float(prob), float(fill)
         self._chosen: list[tuple[str, float, float]] = []

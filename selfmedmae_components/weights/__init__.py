@@ -14,6 +14,14 @@ from .init import INIT_MODES, init_encoder
 from .transfer import ENCODER_PREFIX, TransferReport, transfer_encoder
 
 __all__ = [
-    "CheckpointError", "ENCODER_PREFIX", "INIT_MODES", "ImageNetReport", "TORCH_SAVE_MAGIC", "TransferReport",
-    "init_encoder", "load_imagenet_vit", "load_state_dict", "transfer_encoder",
+    "CheckpointError",
+    "ENCODER_PREFIX",
+    "INIT_MODES",
+    "ImageNetReport",
+    "TORCH_SAVE_MAGIC",
+    "TransferReport",
+    "init_encoder",
+    "load_imagenet_vit",
+    "load_state_dict",
+    "transfer_encoder",
 ]

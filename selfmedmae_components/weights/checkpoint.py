@@ -41,8 +41,9 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoints (weights_only=True) are accepted. Details: {str(e).splitlines()[0]}"
         ) from e
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError ... for a damaged file
-        raise CheckpointError(f"Cannot read checkpoint {path} (truncated or damaged PyTorch file): "
-                              f"{type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"Cannot read checkpoint {path} (truncated or damaged PyTorch file): {type(e).__name__}: {e}"
+        ) from e
     if isinstance(ckpt, dict):
         for key in ("model", "network", "state_dict"):
             if isinstance(ckpt.get(key), dict):

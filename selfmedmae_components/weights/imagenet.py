@@ -169,7 +169,9 @@ def load_imagenet_vit(network: nn.Module, checkpoint: str | Path, prefix: str = 
 
     # which checkpoint tensor feeds which encoder tensor
     plan = {key: encoder.timm_name(key) for key in target}
-    if "norm.weight" not in source and "fc_norm.weight" in source:  # timm global-pool models keep the final norm as fc_norm
+    if (
+        "norm.weight" not in source and "fc_norm.weight" in source
+    ):  # timm global-pool models keep the final norm as fc_norm
         plan = {key: "fc_" + src if src.startswith("norm.") else src for key, src in plan.items()}
     ours = {src: key for key, src in plan.items()}  # the encoder's names of the tensors converted below
     missing = [f"{src} (for {key})" for key, src in plan.items() if src not in source]

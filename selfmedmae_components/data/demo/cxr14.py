@@ -20,11 +20,16 @@ from ..cxr14 import CLASSES, CSV_HEADER, CSV_NAME, NO_FINDING, TEST_LIST, TRAIN_
 # the real data (a second finding joins 35% of abnormal images).
 _FREQ = np.array([1.2, 1.0, 1.3, 1.4, 1.0, 1.0, 0.8, 1.0, 1.0, 0.9, 0.9, 0.9, 0.9, 0.7])
 _PAIRS = {
-    "Effusion": ("Atelectasis", "Infiltration", "Cardiomegaly"), "Cardiomegaly": ("Effusion", "Edema"),
-    "Edema": ("Effusion", "Cardiomegaly"), "Atelectasis": ("Effusion", "Infiltration"),
-    "Pneumonia": ("Infiltration", "Effusion"), "Consolidation": ("Effusion", "Atelectasis"),
-    "Mass": ("Nodule", "Effusion"), "Nodule": ("Mass", "Infiltration"),
-    "Emphysema": ("Pneumothorax", "Nodule"), "Fibrosis": ("Pleural_Thickening", "Nodule"),
+    "Effusion": ("Atelectasis", "Infiltration", "Cardiomegaly"),
+    "Cardiomegaly": ("Effusion", "Edema"),
+    "Edema": ("Effusion", "Cardiomegaly"),
+    "Atelectasis": ("Effusion", "Infiltration"),
+    "Pneumonia": ("Infiltration", "Effusion"),
+    "Consolidation": ("Effusion", "Atelectasis"),
+    "Mass": ("Nodule", "Effusion"),
+    "Nodule": ("Mass", "Infiltration"),
+    "Emphysema": ("Pneumothorax", "Nodule"),
+    "Fibrosis": ("Pleural_Thickening", "Nodule"),
 }
 
 
@@ -45,9 +50,17 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
 
 def _anatomy(rng: np.random.Generator) -> dict:
     """Per-patient body habitus, shared by all of a patient's follow-up images."""
-    return {"cx": 0.5 + rng.normal(0, 0.012), "cy": 0.46 + rng.normal(0, 0.012), "s": rng.uniform(0.93, 1.04),
-            "lung_w": rng.uniform(0.13, 0.15), "lung_h": rng.uniform(0.27, 0.3), "heart": rng.uniform(0.9, 1.05),
-            "rib": rng.uniform(0.058, 0.07), "tissue": rng.uniform(0.5, 0.58), "bubble": rng.random() < 0.6}
+    return {
+        "cx": 0.5 + rng.normal(0, 0.012),
+        "cy": 0.46 + rng.normal(0, 0.012),
+        "s": rng.uniform(0.93, 1.04),
+        "lung_w": rng.uniform(0.13, 0.15),
+        "lung_h": rng.uniform(0.27, 0.3),
+        "heart": rng.uniform(0.9, 1.05),
+        "rib": rng.uniform(0.058, 0.07),
+        "tissue": rng.uniform(0.5, 0.58),
+        "bubble": rng.random() < 0.6,
+    }
 
 
 def _render(rng: np.random.Generator, a: dict, labels: list[int], size: int) -> np.ndarray:
@@ -119,7 +132,7 @@ def _render(rng: np.random.Generator, a: dict, labels: list[int], size: int) -> 
 
     side = lambda: int(rng.choice([-1, 1]))  # noqa: E731
     if "Effusion" in f:  # basal fluid with a meniscus rising laterally: blunted costophrenic angle
-        for sd in ([-1, 1] if rng.random() < 0.3 else [side()]):
+        for sd in [-1, 1] if rng.random() < 0.3 else [side()]:
             lx, lyy, rx, ry = lungs[sd]
             level = lyy + ry * rng.uniform(0.35, 0.65) - 0.35 * ry * np.clip(sd * (x - lx) / rx, 0, 1.2)
             opacify(sigmoid((y - level) / 0.012) * soft(ell(lx, lyy, rx * 1.05, ry * 1.05), 0.05), 0.95)
@@ -127,10 +140,21 @@ def _render(rng: np.random.Generator, a: dict, labels: list[int], size: int) -> 
         px, py = point(side(), (0.15, 0.6))
         ang = rng.uniform(-0.4, 0.4)
         ln = rng.uniform(0.06, 0.1)
-        opacify(segment(px - ln * np.cos(ang), py - ln * np.sin(ang), px + ln * np.cos(ang), py + ln * np.sin(ang),
-                        rng.uniform(0.01, 0.018)) * all_lungs, 0.8)
+        opacify(
+            segment(
+                px - ln * np.cos(ang),
+                py - ln * np.sin(ang),
+                px + ln * np.cos(ang),
+                py + ln * np.sin(ang),
+                rng.uniform(0.01, 0.018),
+            )
+            * all_lungs,
+            0.8,
+        )
     if "Infiltration" in f:  # several faint ill-defined patches, mid zones
-        patches = sum(gauss(*point(side(), (-0.3, 0.5)), *(rng.uniform(0.025, 0.045, 2))) for _ in range(rng.integers(3, 7)))
+        patches = sum(
+            gauss(*point(side(), (-0.3, 0.5)), *(rng.uniform(0.025, 0.045, 2))) for _ in range(rng.integers(3, 7))
+        )
         img += 0.12 * np.clip(patches, 0, 1) * (0.7 + 0.3 * _smooth_noise(rng, size, 40)) * all_lungs
     if "Pneumonia" in f:  # dense patchy opacity in one lower zone
         px, py = point(side(), (0.25, 0.6))
@@ -154,8 +178,10 @@ def _render(rng: np.random.Generator, a: dict, labels: list[int], size: int) -> 
         img += 0.17 * haze * all_lungs
     if "Fibrosis" in f:  # reticular net, peripheral and basal, both lungs
         xr, yr = x * np.cos(0.5) - y * np.sin(0.5), x * np.sin(0.5) + y * np.cos(0.5)
-        net = np.maximum(np.exp(-np.sin(np.pi * xr / 0.028 + noise) ** 2 / 0.03),
-                         np.exp(-np.sin(np.pi * yr / 0.028 - noise) ** 2 / 0.03))
+        net = np.maximum(
+            np.exp(-(np.sin(np.pi * xr / 0.028 + noise) ** 2) / 0.03),
+            np.exp(-(np.sin(np.pi * yr / 0.028 - noise) ** 2) / 0.03),
+        )
         for lx, lyy, rx, ry in lungs.values():
             r = ell(lx, lyy, rx, ry)
             img += 0.13 * net * soft(r, 0.1) * np.clip((r - 0.4) / 0.4, 0, 1) * sigmoid((y - lyy + 0.2 * ry) / 0.03)
@@ -219,8 +245,10 @@ def make_demo(out_dir: str | os.PathLike, num_images: int = 400, image_size: int
     pid = [p for p, c in enumerate(counts) for _ in range(c)]
     followup = [k for c in counts for k in range(c)]
     labels = [_draw_labels(rng) for _ in range(num_images)]
-    for split in ([i for i in range(num_images) if pid[i] in test_patients],
-                  [i for i in range(num_images) if pid[i] not in test_patients]):
+    for split in (
+        [i for i in range(num_images) if pid[i] in test_patients],
+        [i for i in range(num_images) if pid[i] not in test_patients],
+    ):
         for c in range(len(CLASSES)):  # every class in >= 2 patients of each split
             while len(holders := {pid[i] for i in split if c in labels[i]}) < 2:
                 candidates = [i for i in split if pid[i] not in holders]
@@ -236,8 +264,21 @@ def make_demo(out_dir: str | os.PathLike, num_images: int = 400, image_size: int
         gray.convert(extra.get(i, "L")).save(out / "images" / name)
         findings = "|".join(sorted(CLASSES[c] for c in set(labels[i]))) or NO_FINDING
         age = 30 + (pid[i] * 7919) % 50 + followup[i] // 3
-        rows.append([name, findings, followup[i], pid[i] + 1, age, "MF"[pid[i] % 2], "PA" if rng.random() < 0.7 else "AP",
-                     int(rng.integers(2000, 3000)), int(rng.integers(2000, 3000)), 0.143, 0.143])
+        rows.append(
+            [
+                name,
+                findings,
+                followup[i],
+                pid[i] + 1,
+                age,
+                "MF"[pid[i] % 2],
+                "PA" if rng.random() < 0.7 else "AP",
+                int(rng.integers(2000, 3000)),
+                int(rng.integers(2000, 3000)),
+                0.143,
+                0.143,
+            ]
+        )
         names.append(name)
     with open(out / CSV_NAME, "w", newline="") as f:
         f.write(CSV_HEADER + "\n")

@@ -96,9 +96,19 @@ def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (48, 48
     tissue = np.where(np.broadcast_to(body, shape), 1, -1).astype(np.int8)  # -1 air, 0 fat, 1 muscle, 2.. organs
     tissue[np.broadcast_to(body & ((x / (120 * s)) ** 2 + (y / (86 * s)) ** 2 > 1), shape)] = 0
     label = np.zeros(shape, np.uint8)
-    liver = blob(axes, np.array([-50, 5, 0]) * s + rng.normal(0, 5, 3), s * np.array([55, 50, 45]) * rng.uniform(0.85, 1.1, 3), rng)
+    liver = blob(
+        axes,
+        np.array([-50, 5, 0]) * s + rng.normal(0, 5, 3),
+        s * np.array([55, 50, 45]) * rng.uniform(0.85, 1.1, 3),
+        rng,
+    )
     _paint(label, tissue, liver, 1, 2)
-    spleen = blob(axes, np.array([70, -25, 5]) * s + rng.normal(0, 5, 3), s * np.array([25, 35, 35]) * rng.uniform(0.85, 1.1, 3), rng)
+    spleen = blob(
+        axes,
+        np.array([70, -25, 5]) * s + rng.normal(0, 5, 3),
+        s * np.array([25, 35, 35]) * rng.uniform(0.85, 1.1, 3),
+        rng,
+    )
     _paint(label, tissue, spleen, 2, 3)
     mask = label == 1
     lesion = blob(axes, np.array([-50, 5, 0]) * s + rng.normal(0, 10, 3), rng.uniform(20, 28, 3), rng, 0.2)
@@ -177,7 +187,9 @@ def make_demo(
     return str(root)
 
 
-def write_case(folder: Path, index: int, rng: np.random.Generator, shape: tuple[int, ...], spacing=None, layout: str = "mr") -> dict:
+def write_case(
+    folder: Path, index: int, rng: np.random.Generator, shape: tuple[int, ...], spacing=None, layout: str = "mr"
+) -> dict:
     """One synthetic case of ``shape`` voxels as NIfTI files in ``folder``; ``spacing`` (mm) replaces the
     generator's voxel size. Returns the datalist item."""
     image, label, affine = synthetic_case(layout, rng, tuple(shape))

@@ -7,7 +7,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-
 # Synthetic demo data in the download layout. Geometry is drawn in patient millimetres
 # (x to the patient's right, y anterior, z superior) on 1-D coordinate axes, so each shape is
 # evaluated only inside its bounding box. The blob/capsule painters are shared with msd_brats.
@@ -60,7 +59,6 @@ def smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cell: int = 8
 
     coarse = rng.normal(size=[max(2, s // cell + 2) for s in shape])
     return zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)[tuple(slice(0, s) for s in shape)]
-
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
