@@ -12,6 +12,7 @@ import pytest
 from bundle_runner import configs, read_losses, run_bundle, run_bundle_expect_error
 
 from selfmedmae_components.data import btcv
+from selfmedmae_components.data.demo import btcv as btcv_demo
 
 TINY = dict(roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decoder_hidden_size=48, num_workers=0)
 
@@ -20,7 +21,7 @@ TINY = dict(roi_size="[32,32,32]", pixdim="[8.0,8.0,8.0]", hidden_size=48, decod
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("btcv")
     data = root / "btcv"
-    btcv.make_demo(data, num_test_cases=1, shape=(64, 64, 24))
+    btcv_demo.make_demo(data, num_test_cases=1, shape=(64, 64, 24))
     btcv.prepare_datalist(data)
     out = root / "run"
     common = dict(dataset_dir=data, bundle_root=out, **TINY)

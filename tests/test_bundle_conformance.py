@@ -33,25 +33,28 @@ CONFIGS_NEEDED = ("metadata.json", "finetune.yaml", "inference.yaml", "demo.yaml
 
 def _btcv(root: Path) -> tuple[Path, Path]:
     from selfmedmae_components.data import btcv
+    from selfmedmae_components.data.demo import btcv as btcv_demo
 
     data = root / "btcv"
-    btcv.make_demo(data, num_test_cases=1, shape=(64, 64, 24))
+    btcv_demo.make_demo(data, num_test_cases=1, shape=(64, 64, 24))
     btcv.prepare_datalist(data)
     return data, data / "RawData/Testing/img"
 
 
 def _brats(root: Path) -> tuple[Path, Path]:
     from selfmedmae_components.data import msd_brats
+    from selfmedmae_components.data.demo import msd_brats as brats_demo
 
-    data = Path(msd_brats.make_demo(root, num_cases=8, num_test_cases=1, shape=(32, 32, 24)))
+    data = Path(brats_demo.make_demo(root, num_cases=8, num_test_cases=1, shape=(32, 32, 24)))
     msd_brats.prepare_datalist(data, eval_fraction=0.25, num_val_cases=1)
     return data, data / "imagesTs"
 
 
 def _cxr14(root: Path) -> tuple[Path, Path]:
     from selfmedmae_components.data import cxr14
+    from selfmedmae_components.data.demo import cxr14 as cxr14_demo
 
-    data = Path(cxr14.make_demo(root / "cxr14", num_images=40, image_size=64, seed=0))
+    data = Path(cxr14_demo.make_demo(root / "cxr14", num_images=40, image_size=64, seed=0))
     cxr14.prepare_datalist(data, num_workers=0)
     images = sorted(data.rglob("*.png"))[:2]
     inputs = root / "cxr14_inputs"

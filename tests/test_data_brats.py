@@ -11,6 +11,7 @@ from monai.data import load_decathlon_datalist
 
 from selfmedmae_components.data import msd_brats
 from selfmedmae_components.data.common import DatasetError
+from selfmedmae_components.data.demo import msd_brats as brats_demo
 
 NUM_CASES = 10
 
@@ -22,7 +23,7 @@ def _names(items: list) -> set:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("msd")
-    return Path(msd_brats.make_demo(out, num_cases=NUM_CASES, num_test_cases=1, shape=(24, 24, 16)))
+    return Path(brats_demo.make_demo(out, num_cases=NUM_CASES, num_test_cases=1, shape=(24, 24, 16)))
 
 
 @pytest.fixture
@@ -44,14 +45,14 @@ def test_demo_layout(demo):
 
 def test_synthetic_brain_contrast():
     """Tumour parts look as in glioma MRI, background is exactly 0, voxels 3 mm at the default shape."""
-    image, label, affine = msd_brats.synthetic_brain(np.random.default_rng(7))
+    image, label, affine = brats_demo.synthetic_brain(np.random.default_rng(7))
     assert image.shape == (64, 64, 48, 4) and set(np.unique(label)) == {0, 1, 2, 3}
     np.testing.assert_allclose(np.diag(affine)[:3], 3.0)
     flair, t1gd = image[..., 0], image[..., 2]
     assert np.median(t1gd[label == 3]) > 1.3 * np.median(t1gd[label == 1])  # enhancing rim on T1gd
     assert np.median(flair[label == 1]) > 1.3 * np.median(flair[(label == 0) & (flair > 0)])  # edema on FLAIR
     assert image[0, 0, 0].tolist() == [0, 0, 0, 0]
-    _, _, _ = msd_brats.synthetic_brain(np.random.default_rng(7), (32, 32, 24), skull_stripped=False)
+    _, _, _ = brats_demo.synthetic_brain(np.random.default_rng(7), (32, 32, 24), skull_stripped=False)
 
 
 def test_prepare_split(demo, tmp_path):

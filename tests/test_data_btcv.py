@@ -11,6 +11,7 @@ from monai.data import load_decathlon_datalist
 
 from selfmedmae_components.data import btcv
 from selfmedmae_components.data.common import DatasetError
+from selfmedmae_components.data.demo import btcv as btcv_demo
 
 
 def _case(item: dict) -> int:
@@ -19,7 +20,7 @@ def _case(item: dict) -> int:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    return Path(btcv.make_demo(tmp_path_factory.mktemp("btcv") / "btcv", num_test_cases=2, shape=(32, 32, 12)))
+    return Path(btcv_demo.make_demo(tmp_path_factory.mktemp("btcv") / "btcv", num_test_cases=2, shape=(32, 32, 12)))
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_demo_layout_and_types(demo):
 
 def test_synthetic_ct_anatomy():
     """At the default shape every organ is present, HU are CT-like and the spacing anisotropic."""
-    image, label, affine = btcv.synthetic_ct(np.random.default_rng(3))
+    image, label, affine = btcv_demo.synthetic_ct(np.random.default_rng(3))
     assert image.shape == label.shape == (128, 128, 48)
     assert set(np.unique(label)) == set(range(14))
     assert image.min() <= -990 and image.max() >= 400  # air and bone

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from selfmedmae_components.data import btcv
+from selfmedmae_components.data.demo import btcv as btcv_demo
 from selfmedmae_components.weights import CheckpointError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -20,7 +21,7 @@ TINY = {"roi_size": [32, 32, 32], "pixdim": [8.0, 8.0, 8.0], "hidden_size": 48, 
 @pytest.fixture(scope="module")
 def data_and_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("fig")
-    btcv.make_demo(root / "btcv", num_test_cases=1, shape=(64, 64, 24))
+    btcv_demo.make_demo(root / "btcv", num_test_cases=1, shape=(64, 64, 24))
     btcv.prepare_datalist(root / "btcv")
     parser = rf.bundle_parser("btcv_seg", "pretrain", ["demo"], {**TINY, "device": "$torch.device('cpu')"})
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ import torch
 from bundle_runner import REPO, configs, read_losses, run_bundle
 
 from selfmedmae_components.data import btcv
+from selfmedmae_components.data.demo import btcv as btcv_demo
 from selfmedmae_components.weights import load_state_dict
 
 TINY = dict(
@@ -26,7 +27,7 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     data = tmp_path_factory.mktemp("btcv_small") / "btcv"
-    btcv.make_demo(data, num_test_cases=0, shape=(64, 64, 24))
+    btcv_demo.make_demo(data, num_test_cases=0, shape=(64, 64, 24))
     btcv.prepare_datalist(data)
     return data
 
@@ -225,8 +226,9 @@ def test_torchrun_two_processes_pretrain_and_finetune(dataset, tmp_path):
 def test_torchrun_two_processes_cxr14(tmp_path):
     """The cxr14_cls multi-GPU configs: the same layering on the 2D bundle, validation AUC gathered over ranks."""
     from selfmedmae_components.data import cxr14
+    from selfmedmae_components.data.demo import cxr14 as cxr14_demo
 
-    data = cxr14.make_demo(tmp_path / "cxr14", num_images=120, image_size=64, seed=0)
+    data = cxr14_demo.make_demo(tmp_path / "cxr14", num_images=120, image_size=64, seed=0)
     datalist = cxr14.prepare_datalist(data, num_workers=0)
     out = tmp_path / "ddp"
     common = dict(dataset_dir=data, bundle_root=out, hidden_size=48, num_workers=0, amp=False, batch_size=8)

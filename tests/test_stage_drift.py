@@ -17,8 +17,11 @@ from bundle_runner import REPO
 from monai.bundle import ConfigParser
 from monai.transforms import CenterSpatialCropd, Compose
 
-from selfmedmae_components.data import btcv, cxr14, msd, msd_brats
+from selfmedmae_components.data import msd
+from selfmedmae_components.data.demo import btcv as btcv_demo
+from selfmedmae_components.data.demo import cxr14 as cxr14_demo
 from selfmedmae_components.data.demo import msd as msd_demo
+from selfmedmae_components.data.demo import msd_brats as brats_demo
 
 STAGES = ("pretrain", "finetune", "evaluate", "inference")
 # the id of each stage's deterministic pipeline: the cached part of MAE training, fine-tuning's validation
@@ -50,9 +53,9 @@ TOLERANCE = {
 def cases(tmp_path_factory):
     """One demo case of each dataset, as the stages read it (image and, where it has one, label)."""
     root = tmp_path_factory.mktemp("drift")
-    btcv_dir = Path(btcv.make_demo(root / "btcv", num_test_cases=0, shape=(64, 64, 24)))
-    brats_dir = Path(msd_brats.make_demo(root / "brats", num_cases=1, num_test_cases=0, shape=(48, 48, 32)))
-    cxr_dir = Path(cxr14.make_demo(root / "cxr14", num_images=40, image_size=256, seed=0))
+    btcv_dir = Path(btcv_demo.make_demo(root / "btcv", num_test_cases=0, shape=(64, 64, 24)))
+    brats_dir = Path(brats_demo.make_demo(root / "brats", num_cases=1, num_test_cases=0, shape=(48, 48, 32)))
+    cxr_dir = Path(cxr14_demo.make_demo(root / "cxr14", num_images=40, image_size=256, seed=0))
     msd_dir = Path(msd_demo.make_demo(root / "msd", layout="mr", num_cases=4, num_test_cases=0, shape=(48, 48, 24)))
     msd.prepare_datalist(msd_dir, eval_fraction=0.25, num_val_cases=1)  # the stages read its derived settings
     first = lambda folder, pattern: str(sorted(folder.glob(pattern))[0])  # noqa: E731

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from selfmedmae_components.data import btcv
+from selfmedmae_components.data.demo import btcv as btcv_demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import sweep  # noqa: E402
@@ -18,7 +19,7 @@ def test_sweep_2x1_grid_writes_csv_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the bundle subprocesses: far faster than 2 threads on a shared CPU
     data = tmp_path / "btcv"
     data.mkdir()
-    btcv.make_demo(data, num_test_cases=0, shape=(64, 64, 24))
+    btcv_demo.make_demo(data, num_test_cases=0, shape=(64, 64, 24))
     btcv.prepare_datalist(data)
     datalist = json.loads((data / "datalist.json").read_text())
     datalist.update(

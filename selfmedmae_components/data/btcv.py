@@ -148,12 +148,3 @@ def _check_pair(image: Path, label: Path, problems: list[str], check_files: bool
         why = grid_mismatch(img, lab) or label_values_problem(lab, max(BTCV_LABELS))
         if why:
             problems.append(f"{label}: {why} (image {image.name})")
-
-
-def __getattr__(name: str):
-    """The demo generator's names stay importable from here (their home: data/demo/btcv.py)."""
-    if name in ("make_demo", "synthetic_ct"):
-        from .demo import btcv as demo
-
-        return getattr(demo, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

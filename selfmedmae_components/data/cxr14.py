@@ -274,12 +274,3 @@ def _print_summary(out: Path, lists: dict, labels: dict, patients: dict) -> None
     ]
     if absent:
         print(f"  warning: no positives, so no AUC, for: {', '.join(absent)}")
-
-
-def __getattr__(name: str):
-    """The demo generator stays importable from here (its home: data/demo/cxr14.py)."""
-    if name == "make_demo":
-        from .demo import cxr14 as demo
-
-        return demo.make_demo
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
