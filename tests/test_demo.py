@@ -1,4 +1,4 @@
-"""The README's demo command, end to end (marker ``slow``: about 8 minutes on 2 quiet CPU cores).
+"""The README's demo command, end to end (marker ``slow``: about 12 minutes on 2 quiet CPU cores in float32).
 
     python -m pytest -m slow tests/test_demo.py
 
