@@ -22,7 +22,8 @@ from bundle_runner import configs, read_losses, run_bundle
 from cxr_helpers import write_dicom
 from PIL import Image
 
-from selfmedmae_components.data.cxr14 import CLASSES, make_demo, prepare_datalist
+from selfmedmae_components.data.cxr14 import CLASSES, prepare_datalist
+from selfmedmae_components.data.demo.cxr14 import make_demo
 from selfmedmae_components.networks import MaskedAutoencoder, ViTClassifier
 from selfmedmae_components.weights import transfer_encoder
 

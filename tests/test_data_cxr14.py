@@ -16,7 +16,8 @@ from monai.data import load_decathlon_datalist
 from PIL import Image
 
 from selfmedmae_components.data.common import DatasetError, progress
-from selfmedmae_components.data.cxr14 import CLASSES, make_demo, parse_findings, prepare_datalist, split_by_patient
+from selfmedmae_components.data.cxr14 import CLASSES, parse_findings, prepare_datalist, split_by_patient
+from selfmedmae_components.data.demo.cxr14 import make_demo
 
 REPO = Path(__file__).resolve().parents[1]
 
