@@ -103,7 +103,11 @@ def test_kill_and_resume_reaches_the_uninterrupted_result(dataset, straight, tmp
 
     # the same seed gives the same weights and loss curve, across the interruption too
     assert_same_run(straight, crashed)
-    assert sorted(p.name for p in (crashed / "models").iterdir()) == ["mae_checkpoint_epoch=6.pt", "mae_pretrain.pt"]
+    assert sorted(p.name for p in (crashed / "models").iterdir()) == [
+        "mae_checkpoint_epoch=6.pt",
+        "mae_pretrain.pt",
+        "pretrain_run.json",
+    ]
     assert_loadable(crashed / "models")
 
 
@@ -139,7 +143,11 @@ def test_kill_while_a_checkpoint_is_written(dataset, straight, tmp_path):
     log = run_bundle("pretrain", cfg, bundle_root=crashed, resume=True, **common).stdout
     assert f"Resuming from {models / 'mae_checkpoint_epoch=2.pt'}" in log
     # stale temp file gone, the epoch-2 checkpoint removed once epoch 3 was complete: n_saved=1 holds
-    assert sorted(p.name for p in models.iterdir()) == ["mae_checkpoint_epoch=6.pt", "mae_pretrain.pt"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "mae_checkpoint_epoch=6.pt",
+        "mae_pretrain.pt",
+        "pretrain_run.json",
+    ]
     assert_same_run(straight, crashed)
 
 

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+import numpy as np
+
 from ..errors import UserError
 from ..io import write_json_atomic, write_text_atomic  # noqa: F401 - their home is io.py; importable here as before
 
@@ -19,6 +21,24 @@ class DatasetError(UserError, ValueError):
 
 
 T = TypeVar("T")
+
+SPLIT_METHOD = (
+    "numpy.random.default_rng(seed).permutation of the dataset.json cases sorted by image path: "
+    "first round(n * eval_fraction) -> evaluation, next num_val_cases -> validation, rest -> training"
+)
+
+
+def seeded_split(n: int, n_eval: int, n_val: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """The (training, validation, evaluation) indices of ``n`` cases (sorted by image path), each list sorted:
+    :data:`SPLIT_METHOD`, so the same seed and files always give the same split."""
+    perm = np.random.default_rng(seed).permutation(n)
+    evaluation, validation, training = np.split(perm, [n_eval, n_eval + n_val])
+    return sorted(training.tolist()), sorted(validation.tolist()), sorted(evaluation.tolist())
+
+
+def split_record(seed: int, eval_fraction: float, num_val_cases: int) -> dict:
+    """How the split was drawn, saved in the datalist beside it."""
+    return {"method": SPLIT_METHOD, "seed": seed, "eval_fraction": eval_fraction, "num_val_cases": num_val_cases}
 
 
 def progress(

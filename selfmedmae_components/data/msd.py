@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from ..io import write_json_atomic
-from .common import DatasetError, progress
+from .common import DatasetError, progress, seeded_split, split_record
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 
 __all__ = ["prepare_datalist", "dataset_properties", "read_dataset_json", "median_spacing", "fitting_roi",
@@ -193,8 +193,7 @@ def prepare_datalist(
     normalization = normalization or ("window" if all_ct else "zscore")
     if normalization not in ("window", "zscore"):
         raise DatasetError(f"normalization must be 'window' or 'zscore', got {normalization!r}.")
-    perm = np.random.default_rng(seed).permutation(n)
-    evaluation, validation, training = np.split(perm, [n_eval, n_eval + n_val])
+    training, validation, evaluation = seeded_split(n, n_eval, n_val, seed)
     is_training = np.zeros(n, bool)
     is_training[training] = True
     needs_window = normalization == "window" and hu_window is None
@@ -257,16 +256,10 @@ def prepare_datalist(
         "labels": properties["labels"],
         "modality": properties["modality"],
         "properties": properties,
-        "split": {
-            "method": "numpy.random.default_rng(seed).permutation of the dataset.json cases sorted by image path: "
-            "first round(n * eval_fraction) -> evaluation, next num_val_cases -> validation, rest -> training",
-            "seed": seed,
-            "eval_fraction": eval_fraction,
-            "num_val_cases": n_val,
-        },
-        "training": [pairs[i] for i in sorted(training)],
-        "validation": [pairs[i] for i in sorted(validation)],
-        "evaluation": [pairs[i] for i in sorted(evaluation)],
+        "split": split_record(seed, eval_fraction, n_val),
+        "training": [pairs[i] for i in training],
+        "validation": [pairs[i] for i in validation],
+        "evaluation": [pairs[i] for i in evaluation],
         "test": [{"image": t} for t in tests],
     }
     out = write_json_atomic(datalist, output if output is not None else root / "datalist.json")

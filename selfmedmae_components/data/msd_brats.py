@@ -20,10 +20,8 @@ import os
 import posixpath
 from pathlib import Path
 
-import numpy as np
-
 from ..io import write_json_atomic
-from .common import DatasetError, progress
+from .common import DatasetError, progress, seeded_split, split_record
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 
 MSD_LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}
@@ -125,24 +123,17 @@ def prepare_datalist(
     if problems:
         raise DatasetError(f"MSD BrainTumour at {root}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
-    perm = np.random.default_rng(seed).permutation(n)
-    evaluation, validation, training = np.split(perm, [n_eval, n_eval + n_val])
+    training, validation, evaluation = seeded_split(n, n_eval, n_val, seed)
     datalist = {
         "name": "MSD Task01_BrainTumour",
         "description": "Gliomas (BraTS 2016/2017 subset of the Medical Segmentation Decathlon), multi-modal MRI",
         "labels": {str(k): v for k, v in MSD_LABELS.items()},
         "modality": {str(i): m for i, m in enumerate(MODALITIES)},
         "tensorImageSize": "4D",
-        "split": {
-            "method": "numpy.random.default_rng(seed).permutation of the dataset.json cases sorted by image path: "
-            "first round(n * eval_fraction) -> evaluation, next num_val_cases -> validation, rest -> training",
-            "seed": seed,
-            "eval_fraction": eval_fraction,
-            "num_val_cases": n_val,
-        },
-        "training": [pairs[i] for i in sorted(training)],
-        "validation": [pairs[i] for i in sorted(validation)],
-        "evaluation": [pairs[i] for i in sorted(evaluation)],
+        "split": split_record(seed, eval_fraction, n_val),
+        "training": [pairs[i] for i in training],
+        "validation": [pairs[i] for i in validation],
+        "evaluation": [pairs[i] for i in evaluation],
         "test": [{"image": t} for t in tests],
     }
     out = write_json_atomic(datalist, output if output is not None else root / "datalist.json")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..btcv import EVAL_CASES, TEST_CASES, TRAIN_CASES, image_path, label_path, testing_image_path
-from .shapes import blob, capsule, grids, save_nifti, smooth_field
+from .shapes import blob, capsule, grids, save_case, save_nifti, smooth_field
 
 
 def synthetic_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (128, 128, 48)):
@@ -147,13 +147,7 @@ def make_demo(
 def write_case(folder: Path, index: int, rng: np.random.Generator, shape: tuple[int, ...], spacing=None) -> dict:
     """One synthetic case of ``shape`` voxels as NIfTI files in ``folder``; ``spacing`` (mm) replaces the
     generator's voxel size (the anatomy is drawn in the generator's field of view). Returns the datalist item."""
-    image, label, affine = synthetic_ct(rng, tuple(shape))
-    if spacing is not None:
-        affine[:3, :3] = np.diag(np.sign(np.diag(affine)[:3]) * np.asarray(spacing, float))
-    paths = {k: Path(folder) / f"{k}{index}.nii.gz" for k in ("image", "label")}
-    save_nifti(image, affine, paths["image"])
-    save_nifti(label, affine, paths["label"])
-    return {k: str(v) for k, v in paths.items()}
+    return save_case(folder, index, *synthetic_ct(rng, tuple(shape)), spacing)
 
 
 def network_input(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ...io import write_json_atomic
-from .shapes import blob, save_nifti, smooth_field
+from .shapes import blob, save_case, save_nifti, smooth_field
 
 __all__ = ["LAYOUTS", "make_demo", "synthetic_case", "write_case", "network_input"]
 
@@ -192,13 +192,7 @@ def write_case(
 ) -> dict:
     """One synthetic case of ``shape`` voxels as NIfTI files in ``folder``; ``spacing`` (mm) replaces the
     generator's voxel size. Returns the datalist item."""
-    image, label, affine = synthetic_case(layout, rng, tuple(shape))
-    if spacing is not None:
-        affine[:3, :3] = np.diag(np.sign(np.diag(affine)[:3]) * np.asarray(spacing, float))
-    paths = {k: Path(folder) / f"{k}{index}.nii.gz" for k in ("image", "label")}
-    save_nifti(image, affine, paths["image"])
-    save_nifti(label, affine, paths["label"])
-    return {k: str(v) for k, v in paths.items()}
+    return save_case(folder, index, *synthetic_case(layout, rng, tuple(shape)), spacing)
 
 
 def network_input(rng: np.random.Generator, shape: tuple[int, ...], layout: str = "mr") -> np.ndarray:

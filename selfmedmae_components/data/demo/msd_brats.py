@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ...io import write_json_atomic
-from .shapes import blob, save_nifti, smooth_field
+from .shapes import blob, save_case, save_nifti, smooth_field
 
 # relative signal of each tissue per modality (FLAIR, T1w, T1gd, T2w); the tumour parts differ
 # by modality as in glioma MRI: edema bright on FLAIR/T2, enhancing rim bright on T1gd only
@@ -151,13 +151,7 @@ def make_demo(
 def write_case(folder: Path, index: int, rng: np.random.Generator, shape: tuple[int, ...], spacing=None) -> dict:
     """One synthetic case of ``shape`` voxels as NIfTI files in ``folder``; ``spacing`` (mm) replaces the
     generator's voxel size (the anatomy is drawn in the generator's field of view). Returns the datalist item."""
-    image, label, affine = synthetic_brain(rng, tuple(shape))
-    if spacing is not None:
-        affine[:3, :3] = np.diag(np.sign(np.diag(affine)[:3]) * np.asarray(spacing, float))
-    paths = {k: Path(folder) / f"{k}{index}.nii.gz" for k in ("image", "label")}
-    save_nifti(image, affine, paths["image"])
-    save_nifti(label, affine, paths["label"])
-    return {k: str(v) for k, v in paths.items()}
+    return save_case(folder, index, *synthetic_brain(rng, tuple(shape)), spacing)
 
 
 def network_input(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -68,3 +68,16 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.header.set_xyzt_units("mm", "sec")
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
+
+
+def save_case(folder: Path, index: int, image: np.ndarray, label: np.ndarray, affine: np.ndarray, spacing=None) -> dict:
+    """One synthetic case as ``image<index>.nii.gz`` and ``label<index>.nii.gz`` in ``folder`` (the benchmarks'
+    ``write_case``); ``spacing`` (mm) replaces the voxel size, the anatomy staying drawn in the generator's field
+    of view. Returns the datalist item."""
+    if spacing is not None:
+        affine = affine.copy()
+        affine[:3, :3] = np.diag(np.sign(np.diag(affine)[:3]) * np.asarray(spacing, float))
+    paths = {k: Path(folder) / f"{k}{index}.nii.gz" for k in ("image", "label")}
+    save_nifti(image, affine, paths["image"])
+    save_nifti(label, affine, paths["label"])
+    return {k: str(v) for k, v in paths.items()}
