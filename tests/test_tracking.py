@@ -4,7 +4,7 @@ must log the training loss, the validation key metric (fine-tuning) and the exec
 local SQLite store under tmp (MLflow 3 refuses file stores).
 
 Needs the ``mlflow`` extra (``pip install -e ".[mlflow]"``: mlflow-skinny with SQLAlchemy and Alembic for
-the SQLite store); skipped without it. cxr14_cls runs in the default suite (about 20 s), the 3-D bundles
+the SQLite store), which the ``test`` extra includes; skipped without it. cxr14_cls runs in the default suite (about 20 s), the 3-D bundles
 behind the ``slow`` marker.
 """
 
