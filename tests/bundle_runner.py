@@ -11,9 +11,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def config_path(bundle: str, name: str) -> Path:
+    """A bundle's config ``name`` (e.g. "finetune"); the multi-GPU overlays are one file for every bundle."""
+    if name.startswith("multi_gpu_"):
+        return REPO / "bundles" / "common" / f"{name}.yaml"
+    return REPO / "bundles" / bundle / "configs" / f"{name}.yaml"
+
+
 def configs(bundle: str, *names: str) -> str:
     """A MONAI ``--config_file`` value layering ``names`` (e.g. "finetune", "demo") of a bundle."""
-    files = [str(REPO / "bundles" / bundle / "configs" / f"{n}.yaml") for n in names]
+    files = [str(config_path(bundle, n)) for n in names]
     return files[0] if len(files) == 1 else "[" + ",".join(repr(f) for f in files) + "]"
 
 

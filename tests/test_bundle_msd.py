@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import REPO, configs, read_losses, run_bundle
+from bundle_runner import REPO, config_path, configs, read_losses, run_bundle
 
 from selfmedmae_components.data import msd
 from selfmedmae_components.data.demo import msd as demo
@@ -47,7 +47,7 @@ def run_here(run_id: str, *names: str, **overrides) -> None:
     """``monai.bundle.run`` in this process (the configs as the runner reads them, without its start-up)."""
     from monai.bundle import run
 
-    files = [str(REPO / "bundles" / BUNDLE / "configs" / f"{n}.yaml") for n in names]
+    files = [str(config_path(BUNDLE, n)) for n in names]
     run(run_id, config_file=files, **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
 
 

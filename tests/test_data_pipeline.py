@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from bundle_runner import REPO
+from bundle_runner import config_path
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, MetaTensor, list_data_collate
 from monai.transforms import Compose, NormalizeIntensityd, RandCropByPosNegLabeld, RandomizableTrait, RepeatChanneld
@@ -58,7 +58,7 @@ def cases(tmp_path_factory) -> dict[str, list[dict]]:
 
 def parser(bundle: str, config: str, *more: str, **overrides) -> ConfigParser:
     p = ConfigParser()
-    p.read_config([str(REPO / "bundles" / bundle / "configs" / f"{name}.yaml") for name in (config, *more)])
+    p.read_config([str(config_path(bundle, name)) for name in (config, *more)])
     p.update({**SMALL[bundle], **overrides})
     return p
 

@@ -77,6 +77,9 @@ def test_export_runs_inference_from_an_empty_folder(bundle, data, checkpoint, tm
         assert all(n.startswith(f"{bundle}/") for n in zf.namelist())  # the zip holds the folder <name>/
         zf.extractall(unpacked)
     root = unpacked / bundle
+    # the multi-GPU overlays, written once for all bundles in the repository, travel in each export's configs/
+    for overlay in ("multi_gpu_pretrain.yaml", "multi_gpu_finetune.yaml"):
+        assert (root / "configs" / overlay).read_text() == (REPO / "bundles" / "common" / overlay).read_text()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 

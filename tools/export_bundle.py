@@ -42,6 +42,7 @@ PACKAGE = "selfmedmae_components"
 VERSION_KEYS = {"torch": "pytorch_version", "monai": "monai_version", "numpy": "numpy_version"}  # own metadata keys
 BUNDLE_FILES = ("LICENSE", "large_files.yml")
 BUNDLE_DIRS = ("configs", "docs")
+SHARED_CONFIGS = REPO / "bundles" / "common"  # the configs every bundle layers (multi_gpu_*.yaml), written once
 
 
 class ExportError(RuntimeError):
@@ -360,6 +361,8 @@ def export_bundle(
         for f in BUNDLE_FILES:
             if (src / f).is_file():
                 shutil.copy2(src / f, stage / f)
+        for shared in sorted(SHARED_CONFIGS.glob("*.yaml")):  # a shared bundle carries them in its own configs/
+            shutil.copy2(shared, stage / "configs" / shared.name)
         _copy_package(stage)
         meta = json.loads((src / "configs" / "metadata.json").read_text())
         (stage / "configs" / "metadata.json").write_text(json.dumps(exported_metadata(meta), indent=4) + "\n")
