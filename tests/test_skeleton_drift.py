@@ -19,37 +19,10 @@ from bundle_runner import config_path
 
 BUNDLES = ("btcv_seg", "brats_seg", "cxr14_cls", "msd_seg")
 REFERENCE = "btcv_seg"
-SKELETON = {
-    "pretrain": (
-        "run",
-        "train#lr_scheduler",
-        "train#state",
-        "train#seeder",
-        "train#checkpoint_saver",
-        "train#trainer",
-        "train#iteration",
-        "train#dataloader",
-        "train#dataset",
-        "train#handlers",
-    ),  # fmt: skip
-    "finetune": (
-        "run",
-        "train#lr_scheduler",
-        "train#state",
-        "train#seeder",
-        "train#checkpoint_saver",
-        "train#trainer",
-        "train#iteration",
-        "train#dataloader",
-        "train#dataset",
-        "train#handlers",
-        "validate#dataset",
-        "validate#dataloader",
-        "validate#handlers",
-        "validate#evaluator",
-        "validate#handler",
-    ),  # fmt: skip
-}
+TRAINING = ("run", "train#lr_scheduler", "train#state", "train#seeder", "train#checkpoint_saver", "train#trainer",
+            "train#iteration", "train#dataloader", "train#dataset", "train#handlers")  # fmt: skip
+VALIDATION = ("validate#dataset", "validate#dataloader", "validate#handlers", "validate#evaluator", "validate#handler")
+SKELETON = {"pretrain": TRAINING, "finetune": TRAINING + VALIDATION}
 # (bundle, id): the keys (of a mapping) or the steps (of `run`, by a text they contain) that differ on purpose
 INTENDED = {
     # chest films travel as 8-bit levels and are normalised on the device by prepare_batch, not cast by to_kwargs
