@@ -16,6 +16,7 @@ import copy
 import pytest
 import yaml
 from bundle_runner import config_path
+from monai.bundle import ConfigParser
 
 BUNDLES = ("btcv_seg", "brats_seg", "cxr14_cls", "msd_seg")
 REFERENCE = "btcv_seg"
@@ -48,9 +49,8 @@ def load(bundle: str, stage: str) -> dict:
 
 
 def get(config: dict, id: str):
-    for key in id.split("#"):
-        config = config.get(key, "<absent>") if isinstance(config, dict) else "<absent>"
-    return config
+    """The raw config under ``id`` ("train#trainer"), as MONAI addresses it, or "<absent>"."""
+    return ConfigParser(config).get(id, "<absent>")
 
 
 def without(value, left_out: tuple[str, ...]):

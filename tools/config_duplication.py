@@ -5,7 +5,7 @@ A line counts as duplicated when a window of 4 consecutive lines holding it (com
 indentation kept) also occurs in another config file. Prints the total, then the duplicated lines per config block
 (top-level settings, transforms, the train/validate skeleton, ...), each with the test that holds its copies together.
 
-    python tools/config_duplication.py            # bundles/**/*.yaml of this checkout
+    python tools/config_duplication.py            # the bundle configs of this checkout
     python tools/config_duplication.py --root /path/to/other/checkout
 """
 
@@ -24,6 +24,12 @@ GUARD = {
     "transforms": "tests/test_stage_drift.py",
     "top-level settings": "tests/test_config_consistency.py",
 }
+
+
+def config_files(root: Path) -> list[Path]:
+    """The bundle configs: every YAML under bundles/, and the JSON configs but metadata.json (the model zoo's card)."""
+    files = list(root.glob("bundles/**/*.yaml")) + list(root.glob("bundles/**/configs/*.json"))
+    return sorted(f for f in files if f.name != "metadata.json")
 
 
 def config_lines(path: Path) -> list[str]:
@@ -63,10 +69,9 @@ def block_of(line: str, top: str, sub: str | None) -> str:
     return f"{top}#{sub}" if top in ("train", "validate") and sub else top
 
 
-def report(root: Path) -> tuple[int, int, collections.Counter, collections.Counter]:
-    """(lines, duplicated lines, duplicated lines per block, lines per block) of root's bundle configs."""
-    files = sorted(root.glob("bundles/**/*.yaml"))
-    lines = {str(f.relative_to(root)): config_lines(f) for f in files}
+def report(root: Path) -> tuple[int, int, int, collections.Counter, collections.Counter]:
+    """(files, lines, duplicated lines, duplicated lines per block, lines per block) of root's bundle configs."""
+    lines = {str(f.relative_to(root)): config_lines(f) for f in config_files(root)}
     marks = duplicated(lines)
     dup, total = collections.Counter(), collections.Counter()
     for name, ls in lines.items():
@@ -79,15 +84,14 @@ def report(root: Path) -> tuple[int, int, collections.Counter, collections.Count
             block = block_of(line, top, sub)
             total[block] += 1
             dup[block] += is_dup
-    return sum(total.values()), sum(dup.values()), dup, total
+    return len(lines), sum(total.values()), sum(dup.values()), dup, total
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     args = parser.parse_args(argv)
-    n_files = len(list(args.root.glob("bundles/**/*.yaml")))
-    lines, dup, per_block, totals = report(args.root)
+    n_files, lines, dup, per_block, totals = report(args.root)
     print(f"{n_files} config files, {lines} lines, {dup} in {WINDOW}-line windows found in another file "
           f"({100 * dup / max(lines, 1):.0f}%); {lines - dup} lines occur in no other file")  # fmt: skip
     for block, n in per_block.most_common():
