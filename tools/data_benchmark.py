@@ -34,6 +34,15 @@ network (torch.utils.flop_counter on the meta device) at ``--gpu_tflops`` achiev
 
 The bundles are the datasets of selfmedmae_components/registry.py (``--bundles`` takes bundle folders or dataset
 names): each entry's ``geometry`` is the real data's grid, its demo generator (data/demo/) writes the cases.
+
+``--caches ram,disk`` measures instead how the training cache scales with the dataset (msd_seg's pretrain config, on
+generated MSD-format CT of ``--shape`` voxels, prepared by tools/prepare.py msd):
+
+    python tools/data_benchmark.py --caches ram,disk,none --cases 50,500,2000 --shape 128,128,80
+
+For each size and cache, in a fresh process: the time to fill the cache (``num_workers`` threads), the resident set
+(VmRSS) after building the dataset and after drawing ``--batches`` batches, and crops/s per data-loader worker (one
+thread); ram's figures are its own baseline, measured in the same run.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import gc
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -315,6 +325,68 @@ def derives_from_datalist(bundle: str) -> bool:
     return "properties" in yaml.safe_load((REPO / "bundles" / bundle / "configs" / "pretrain.yaml").read_text())
 
 
+# ------------------------------------------------------------------------------------ cache scaling (--caches)
+def scaling_dataset(folder: Path, n: int, shape: tuple[int, ...]) -> Path:
+    """``n`` generated CT cases of ``shape`` voxels in the MSD layout, prepared (a fixed window: no data read)."""
+    from selfmedmae_components.data import msd
+    from selfmedmae_components.data.demo import msd as demo
+
+    dataset = Path(demo.make_demo(folder, layout="ct", num_cases=n, num_test_cases=0, shape=tuple(shape)))
+    msd.prepare_datalist(dataset, eval_fraction=0.0, num_val_cases=1, check_files=False, hu_window=[-175, 250])
+    return dataset
+
+
+def measure_cache_row(dataset: str, cache: str, cache_dir: str, batches: int, workers: int) -> dict:
+    """One size and cache, in this (fresh) process: fill time, resident set, crops/s per worker."""
+    parser = config_parser("msd_seg", "pretrain", {"dataset_dir": dataset, "cache": cache, "cache_dir": cache_dir,
+                                                   "num_workers": workers, "train#dataset#progress": False})  # fmt: skip
+    _settle()
+    base = _status_kb("VmRSS") / 1024
+    t = time.perf_counter()
+    built = parser.get_parsed_content("train#dataset")
+    fill_s = time.perf_counter() - t
+    _settle()
+    after_build = _status_kb("VmRSS") / 1024
+    batch_size = int(parser.get_parsed_content("train#dataloader#batch_size"))
+    row = crops_per_s(built, list_data_collate, batch_size, batches)
+    _settle()
+    row.update(cases=len(built), fill_s=fill_s, base_mb=base, rss_built_mb=after_build - base,
+               rss_drawn_mb=_status_kb("VmRSS") / 1024 - base)  # fmt: skip
+    return row
+
+
+def cache_scaling(caches: list[str], sizes: list[int], shape: tuple[int, ...], batches: int, workers: int, log) -> str:
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            dataset = scaling_dataset(Path(tmp) / f"n{n}", n, shape)
+            log(f"{n} cases of {tuple(shape)} voxels written and prepared")
+            for cache in caches:
+                for fill in ("fill", "reuse") if cache == "disk" else ("fill",):
+                    cmd = [sys.executable, __file__, "--measure_cache", json.dumps([str(dataset), cache,
+                           str(Path(tmp) / f"cache{n}"), batches, workers])]  # fmt: skip
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    rows[(n, cache, fill)] = json.loads(out.strip().splitlines()[-1])
+                    log(f"  {n} {cache} ({fill}): " + json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                                                               for k, v in rows[(n, cache, fill)].items()}))  # fmt: skip
+            shutil.rmtree(Path(tmp) / f"n{n}", ignore_errors=True)
+            shutil.rmtree(Path(tmp) / f"cache{n}", ignore_errors=True)
+    lines = [
+        f"msd_seg pretrain, generated CT of {tuple(shape)} voxels; {workers} filling threads; crops/s on one thread "
+        f"(a data-loader worker), {batches} batches; resident set above the process before the dataset (MB):",
+        "",
+        "| cases | cache | fill s | RSS after build MB | RSS after drawing MB | crops/s per worker | vs ram |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (n, cache, fill), row in rows.items():
+        ram = rows.get((n, "ram", "fill"))
+        ratio = f"{row['crops_per_s'] / ram['crops_per_s']:.2f}" if ram else "-"
+        label = cache if cache != "disk" else f"disk ({'filled' if fill == 'fill' else 'reused'})"
+        lines.append(f"| {n} | {label} | {row['fill_s']:.1f} | {row['rss_built_mb']:.0f} | {row['rss_drawn_mb']:.0f} "
+                     f"| {row['crops_per_s']:.0f} | {ratio} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(
     bundles: str | tuple | list | None = None,
     configs: str | tuple | list = "pretrain,finetune",
@@ -325,11 +397,29 @@ def main(
     out: str | None = None,
     repo: str | None = None,
     items_file: str | None = None,
+    caches: str | tuple | list | None = None,
+    shape: str | tuple | list = (128, 128, 80),
+    workers: int = 2,
+    measure_cache: str | None = None,
 ) -> None:
     """See the module docstring. ``--cases`` defaults to the registry's ``data_benchmark_cases``: 3 volumes
     (btcv, brats) or 500 images (cxr14). ``--repo`` measures another checkout's bundles and components on the
     cases listed in ``--items_file`` (JSON: bundle -> datalist items); ``--baseline`` uses both."""
     global REPO
+    if measure_cache:  # one row of --caches, in its own process
+        args = json.loads(measure_cache) if isinstance(measure_cache, str) else measure_cache  # fire may parse it
+        print(json.dumps(measure_cache_row(*args)))
+        return
+    if caches:
+        t0 = time.perf_counter()
+        log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+        as_list = lambda v, f: [f(x) for x in (v.split(",") if isinstance(v, str) else ([v] if np.ndim(v) == 0 else v))]
+        table = cache_scaling(as_list(caches, str), as_list(cases or "50,500,2000", int), tuple(as_list(shape, int)),
+                              batches, workers, log)  # fmt: skip
+        print("\n" + table)
+        if out:
+            Path(out).write_text(table + "\n")
+        return
     if repo:  # its selfmedmae_components first on the path: nothing of it is imported yet
         REPO = Path(repo).resolve()
         sys.path.insert(0, str(REPO))
