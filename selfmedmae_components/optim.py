@@ -7,6 +7,8 @@ their names except ``ENCODER_PREFIX``, the attribute under which every network o
 
 from __future__ import annotations
 
+import math
+
 import torch.nn as nn
 
 from .networks.vit import ENCODER_PREFIX, ViTEncoder
@@ -33,6 +35,24 @@ def _no_weight_decay(name: str, param, exempt: set[str]) -> bool:
 def effective_lr(base_lr: float, batch_size: int) -> float:
     """The linear scaling rule of MAE: lr = base_lr * global batch / 256."""
     return base_lr * batch_size / 256
+
+
+# MAE pre-training length (issue: on thousands of series the paper's epoch count is a hundred times the compute)
+PAPER_STEPS = 30_000  # the paper's budget: BTCV 10,000 epochs x 3 steps (18 volumes, 6 a step); BraTS 500 x 65 = 32,500
+MIN_PASSES = 100  # on a large dataset, at least this many passes over every image (4 crops each)
+
+
+def default_pretrain_steps(num_images: int, batch_size: int = 6) -> int:
+    """The optimiser steps MAE pre-training runs by default on ``num_images`` volumes: the paper's budget on small
+    datasets (~30,000 steps: BTCV at 18 volumes, BraTS at 387), and ``MIN_PASSES`` passes over every image where that
+    is more (above ~1,800 volumes at 6 a step). A rule of thumb from the paper's two 3-D datasets, not a measured
+    optimum; tools/prepare.py writes it into the datalist and every bundle command can override it."""
+    return max(PAPER_STEPS, MIN_PASSES * math.ceil(int(num_images) / int(batch_size)))
+
+
+def epochs_for_steps(steps: int, steps_per_epoch: int) -> int:
+    """The epochs that make at least ``steps`` optimiser steps (at least one)."""
+    return max(1, math.ceil(int(steps) / max(1, int(steps_per_epoch))))
 
 
 def global_batch_size(batch_size: int, num_items: int, world_size: int = 1, num_samples: int = 1) -> int:

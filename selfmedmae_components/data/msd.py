@@ -42,8 +42,8 @@ from ..io import write_json_atomic
 from .common import DatasetError, progress, seeded_split, split_record
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 
-__all__ = ["prepare_datalist", "dataset_properties", "read_dataset_json", "median_spacing", "fitting_roi",
-           "foreground_window"]  # fmt: skip
+__all__ = ["prepare_datalist", "dataset_properties", "derive_properties", "read_dataset_json", "median_spacing",
+           "fitting_roi", "foreground_window", "ras_spacing", "ras_shape"]  # fmt: skip
 
 LAYOUT = (
     'Expected the Medical Segmentation Decathlon layout: <dataset_dir>/dataset.json (with "modality", "labels", '
@@ -131,6 +131,90 @@ def foreground_window(samples: list[np.ndarray], percentiles: tuple[float, float
     return [round(float(lo), 1) + 0.0, round(float(hi), 1) + 0.0]  # + 0.0: no -0.0
 
 
+CACHE_DISK_ABOVE_GB = 8.0  # estimated preprocessed training data above this: cache: disk by default (else ram)
+
+
+def derive_properties(
+    modality: dict[int, str],
+    labels: dict[int, str],
+    spacings: list[np.ndarray],
+    sizes_mm: list[np.ndarray],
+    window_samples: list[np.ndarray],
+    num_pretrain_images: int,
+    normalization: str | None = None,
+    hu_window: list[float] | None = None,
+    pixdim: list[float] | None = None,
+    roi_size: list[int] | None = None,
+    seed: int = 0,
+    geometry_source: str = "the training cases",
+    window_source: str = "the image inside the label foreground over the training cases",
+    cache: str | None = None,
+    pretrain_steps: int | None = None,
+) -> dict:
+    """The datalist's "properties" block (module docstring), from what the preparation measured.
+
+    Args:
+        modality, labels: channel and class names by index (dataset.json's).
+        spacings, sizes_mm: voxel sizes and extents (mm, RAS axes) of the cases that set the geometry.
+        window_samples: intensities the CT window's percentiles are taken from (one array per case).
+        num_pretrain_images: images MAE reads (the step budget and the cache size follow them).
+        normalization, hu_window, pixdim, roi_size, cache, pretrain_steps: given instead of derived.
+        seed: of the window's sampling (recorded).
+        geometry_source, window_source: what ``spacings`` and ``window_samples`` were taken from, for the record.
+
+    Raises:
+        DatasetError: a bad normalisation, spacing or ROI.
+    """
+    from ..optim import default_pretrain_steps
+
+    all_ct = all(m.strip().upper() == "CT" for m in modality.values())
+    given = {"normalization": normalization is not None, "window": hu_window is not None, "pixdim": pixdim is not None,
+             "roi_size": roi_size is not None, "cache": cache is not None, "steps": pretrain_steps is not None}  # fmt: skip
+    normalization = normalization or ("window" if all_ct else "zscore")
+    if normalization not in ("window", "zscore"):
+        raise DatasetError(f"normalization must be 'window' or 'zscore', got {normalization!r}.")
+    pixdim = [float(v) for v in pixdim] if pixdim is not None else median_spacing(spacings)
+    roi = [int(v) for v in roi_size] if roi_size is not None else fitting_roi(sizes_mm, pixdim)
+    if len(pixdim) != 3 or len(roi) != 3 or any(v % ROI_STEP for v in roi):
+        raise DatasetError(f"pixdim needs 3 values and roi_size 3 multiples of {ROI_STEP}; got {pixdim}, {roi}.")
+    window = None
+    if normalization == "window":
+        window = [float(v) for v in hu_window] if hu_window is not None else foreground_window(window_samples)
+    # float16 after resampling: the median case's voxels at pixdim, per channel, per pre-training image
+    median_voxels = float(np.prod(np.median(np.asarray(sizes_mm), axis=0) / np.asarray(pixdim, float)))
+    cache_gb = num_pretrain_images * median_voxels * len(modality) * 2 / 2**30
+    cache = cache or ("disk" if cache_gb > CACHE_DISK_ABOVE_GB else "ram")
+    steps = int(pretrain_steps) if pretrain_steps is not None else default_pretrain_steps(num_pretrain_images)
+    return {
+        "channels": len(modality),
+        "modality": {str(k): v for k, v in modality.items()},
+        "labels": {str(k): v for k, v in labels.items()},
+        "normalization": normalization,
+        "hu_min": None if window is None else window[0],
+        "hu_max": None if window is None else window[1],
+        "pixdim": pixdim,
+        "roi_size": roi,
+        "cache": cache,
+        "pretrain_steps": steps,
+        "derived": {  # how each default was found ("given": passed to the prepare function)
+            "normalization": "given" if given["normalization"] else
+            "modality: window if every channel is CT, else z-score per channel on non-zero voxels",
+            "window": None if window is None else "given" if given["window"] else
+            f"percentiles {list(WINDOW_PERCENTILES)} of {window_source} (at most {SAMPLES_PER_CASE} voxels per case, "
+            f"seed {seed})",
+            "pixdim": "given" if given["pixdim"] else f"median voxel size of {geometry_source} (RAS order)",
+            "roi_size": "given" if given["roi_size"] else
+            f"largest multiple of {ROI_STEP} (at most {ROI_MAX}) fitting the median of {geometry_source} at pixdim",
+            "cache": "given" if given["cache"] else
+            f"disk above {CACHE_DISK_ABOVE_GB:g} GB of preprocessed images (estimated {cache_gb:.2f} GB, float16 at "
+            f"pixdim, {num_pretrain_images} images)",
+            "pretrain_steps": "given" if given["steps"] else
+            f"optim.default_pretrain_steps({num_pretrain_images}): the paper's ~30,000 steps, or 100 passes over the "
+            f"images where more",
+        },
+    }  # fmt: skip
+
+
 def _foreground_sample(image: nib.Nifti1Image, label: nib.Nifti1Image, rng: np.random.Generator) -> np.ndarray:
     data = np.asanyarray(image.dataobj)
     data = data[..., 0] if data.ndim == 4 else data
@@ -149,6 +233,8 @@ def prepare_datalist(
     hu_window: list[float] | None = None,
     pixdim: list[float] | None = None,
     roi_size: list[int] | None = None,
+    cache: str | None = None,
+    pretrain_steps: int | None = None,
 ) -> dict:
     """Check an MSD-format dataset and write its datalist with a seeded split and the derived defaults.
 
@@ -168,6 +254,8 @@ def prepare_datalist(
         hu_window: [min, max] of the CT window instead of the foreground percentiles.
         pixdim: voxel size (mm) to resample to instead of the median spacing.
         roi_size: crop size instead of the fitted multiple of 16.
+        cache: "ram", "disk" or "none" instead of the default by size (:data:`CACHE_DISK_ABOVE_GB`).
+        pretrain_steps: MAE optimiser steps instead of ``optim.default_pretrain_steps`` of the image count.
 
     Returns:
         The datalist dict that was written.
@@ -191,7 +279,7 @@ def prepare_datalist(
     all_ct = all(m.strip().upper() == "CT" for m in meta["modality"].values())
     normalization_given = normalization is not None
     normalization = normalization or ("window" if all_ct else "zscore")
-    if normalization not in ("window", "zscore"):
+    if normalization not in ("window", "zscore"):  # before reading any file
         raise DatasetError(f"normalization must be 'window' or 'zscore', got {normalization!r}.")
     training, validation, evaluation = seeded_split(n, n_eval, n_val, seed)
     is_training = np.zeros(n, bool)
@@ -213,43 +301,21 @@ def prepare_datalist(
         if img is not None and train:
             spacing = ras_spacing(img)
             spacings.append(spacing)
-            sizes_mm.append(spacing * _ras_shape(img))
+            sizes_mm.append(spacing * ras_shape(img))
             if needs_window and lab is not None:
                 samples.append(_foreground_sample(img, lab, rng))
     if problems:
         raise DatasetError(f"MSD dataset at {root}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
-    given = {"normalization": normalization_given, "window": hu_window is not None, "pixdim": pixdim is not None,
-             "roi_size": roi_size is not None}  # fmt: skip
     if not spacings:
         raise DatasetError(f"{root / 'dataset.json'}: no readable training case to derive spacing and ROI from.")
-    pixdim = [float(v) for v in pixdim] if pixdim is not None else median_spacing(spacings)
-    roi = [int(v) for v in roi_size] if roi_size is not None else fitting_roi(sizes_mm, pixdim)
-    if len(pixdim) != 3 or len(roi) != 3 or any(v % ROI_STEP for v in roi):
-        raise DatasetError(f"pixdim needs 3 values and roi_size 3 multiples of {ROI_STEP}; got {pixdim}, {roi}.")
-    window = None
-    if normalization == "window":
-        window = [float(v) for v in hu_window] if hu_window is not None else foreground_window(samples)
-    properties = {
-        "channels": channels,
-        "modality": {str(k): v for k, v in meta["modality"].items()},
-        "labels": {str(k): v for k, v in meta["labels"].items()},
-        "normalization": normalization,
-        "hu_min": None if window is None else window[0],
-        "hu_max": None if window is None else window[1],
-        "pixdim": pixdim,
-        "roi_size": roi,
-        "derived": {  # how each default was found ("given": passed to the prepare function)
-            "normalization": "given" if given["normalization"] else
-            "modality: window if every channel is CT, else z-score per channel on non-zero voxels",
-            "window": None if window is None else "given" if given["window"] else
-            f"percentiles {list(WINDOW_PERCENTILES)} of the image inside the label foreground over the training "
-            f"cases (at most {SAMPLES_PER_CASE} voxels per case, seed {seed})",
-            "pixdim": "given" if given["pixdim"] else "median voxel size of the training cases (RAS order)",
-            "roi_size": "given" if given["roi_size"] else
-            f"largest multiple of {ROI_STEP} (at most {ROI_MAX}) fitting the median training case at pixdim",
-        },
-    }  # fmt: skip
+    properties = derive_properties(
+        meta["modality"], meta["labels"], spacings, sizes_mm, samples, num_pretrain_images=n + len(tests),
+        normalization=normalization if normalization_given else None, hu_window=hu_window, pixdim=pixdim,
+        roi_size=roi_size, seed=seed, cache=cache, pretrain_steps=pretrain_steps,
+    )  # fmt: skip
+    pixdim, roi = properties["pixdim"], properties["roi_size"]
+    window = None if properties["hu_min"] is None else [properties["hu_min"], properties["hu_max"]]
     datalist = {
         "name": str(meta.get("name", root.name)),
         "description": str(meta.get("description", "")),
@@ -266,13 +332,14 @@ def prepare_datalist(
     window_text = f", window [{window[0]}, {window[1]}]" if window else ", z-score per channel"
     print(
         f"MSD datalist ({datalist['name']}: {channels} channel(s), {num_classes - 1} label(s){window_text}, pixdim "
-        f"{pixdim}, roi {roi}): {len(training)} training, {len(validation)} validation, {len(evaluation)} evaluation, "
-        f"{len(tests)} test -> {out}"
+        f"{pixdim}, roi {roi}, cache {properties['cache']}, {properties['pretrain_steps']} MAE steps): "
+        f"{len(training)} training, {len(validation)} validation, {len(evaluation)} evaluation, {len(tests)} test -> {out}"
     )
     return datalist
 
 
-def _ras_shape(img: nib.Nifti1Image) -> np.ndarray:
+def ras_shape(img: nib.Nifti1Image) -> np.ndarray:
+    """The voxel counts of ``img``'s first three axes in RAS order."""
     order = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)
     out = np.empty(3)
     out[order] = np.asarray(img.shape[:3], float)
