@@ -259,6 +259,15 @@ def test_dtype_follows_the_modality_values():
     np.testing.assert_array_equal(data, bright.astype(np.float64) + 1024)
 
 
+def test_in_memory_datasets_without_file_meta_load():
+    image = small_image()
+    series = memory_series(image)
+    for i in series.instances:  # as a DICOMweb client may hand them over
+        del i.dataset.file_meta
+    np.testing.assert_array_equal(dicom.load_volume(series)[0], image)
+    assert not hasattr(series.instances[0].dataset, "file_meta")  # the caller's datasets are left as they were
+
+
 def test_rle_compressed_files_load_the_same_and_through_itk_without_a_pydicom_decoder(tmp_path, monkeypatch):
     image = small_image()
     expected = load_files(write_series(tmp_path / "plain", image))

@@ -454,18 +454,36 @@ def volume_problem(series: Series, min_slices: int = MIN_SLICES) -> str | None:
 
 
 def _itk_slice(instance: Instance) -> np.ndarray:
-    """One image decoded by ITK's GDCM (every transfer syntax), in modality values: GDCM applies the rescale."""
+    """One image decoded by ITK's GDCM (every transfer syntax), in modality values: GDCM applies the rescale.
+    ITK's warnings are off meanwhile (they may quote the file's values)."""
     import itk
 
-    if instance.dataset is None:
-        image = itk.imread(instance.source, itk.F)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "instance.dcm"
-            instance.dataset.save_as(path, enforce_file_format=True)
-            image = itk.imread(str(path), itk.F)
+    shown = itk.Object.GetGlobalWarningDisplay()
+    itk.Object.SetGlobalWarningDisplay(False)
+    try:
+        if instance.dataset is None:
+            image = itk.imread(instance.source, itk.F)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "instance.dcm"
+                instance.dataset.save_as(path, enforce_file_format=True)
+                image = itk.imread(str(path), itk.F)
+    finally:
+        itk.Object.SetGlobalWarningDisplay(shown)
     array = itk.array_from_image(image)
     return array.reshape(int(instance.header.Rows), int(instance.header.Columns)).astype(np.float64)
+
+
+def _in_memory(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    """The dataset, with a transfer syntax from how it was read when it came without file meta (pydicom's
+    decoders need one)."""
+    if "TransferSyntaxUID" in (getattr(dataset, "file_meta", None) or {}):
+        return dataset
+    copy = pydicom.Dataset(dataset)
+    copy.file_meta = pydicom.dataset.FileMetaDataset()
+    implicit = dataset.original_encoding[0]
+    copy.file_meta.TransferSyntaxUID = _uid.ImplicitVRLittleEndian if implicit else _uid.ExplicitVRLittleEndian
+    return copy
 
 
 def _slice_values(instance: Instance) -> np.ndarray:
@@ -473,7 +491,7 @@ def _slice_values(instance: Instance) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            stored = _pydicom_pixels(instance.dataset if instance.dataset is not None else instance.source)
+            stored = _pydicom_pixels(instance.source if instance.dataset is None else _in_memory(instance.dataset))
     except (RuntimeError, NotImplementedError):  # no pydicom decoder for this transfer syntax here
         try:
             return _itk_slice(instance)
