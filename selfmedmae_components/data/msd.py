@@ -43,7 +43,7 @@ from .common import DatasetError, progress, seeded_split, split_record
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 
 __all__ = ["prepare_datalist", "dataset_properties", "derive_properties", "read_dataset_json", "median_spacing",
-           "fitting_roi", "foreground_window", "ras_spacing", "ras_shape"]  # fmt: skip
+           "fitting_roi", "foreground_window", "foreground_sample", "ras_spacing", "ras_shape"]  # fmt: skip
 
 LAYOUT = (
     'Expected the Medical Segmentation Decathlon layout: <dataset_dir>/dataset.json (with "modality", "labels", '
@@ -215,7 +215,8 @@ def derive_properties(
     }  # fmt: skip
 
 
-def _foreground_sample(image: nib.Nifti1Image, label: nib.Nifti1Image, rng: np.random.Generator) -> np.ndarray:
+def foreground_sample(image: nib.Nifti1Image, label: nib.Nifti1Image, rng: np.random.Generator) -> np.ndarray:
+    """At most SAMPLES_PER_CASE intensities of the (first channel of the) image inside the label's foreground."""
     data = np.asanyarray(image.dataobj)
     data = data[..., 0] if data.ndim == 4 else data
     values = data[np.asanyarray(label.dataobj) > 0]
@@ -303,7 +304,7 @@ def prepare_datalist(
             spacings.append(spacing)
             sizes_mm.append(spacing * ras_shape(img))
             if needs_window and lab is not None:
-                samples.append(_foreground_sample(img, lab, rng))
+                samples.append(foreground_sample(img, lab, rng))
     if problems:
         raise DatasetError(f"MSD dataset at {root}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
