@@ -21,6 +21,6 @@ from . import (  # noqa: F401
     tracking,
     weights,
 )
-from .data import common, msd  # noqa: F401
+from .data import cache, common, dicom_input, msd  # noqa: F401
 from .transforms import brats, cxr, indices  # noqa: F401
 from .transforms import msd as msd_transforms  # noqa: F401

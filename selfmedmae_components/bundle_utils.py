@@ -49,7 +49,7 @@ def existing_files(
     if not files:
         where = f" in {os.fspath(folder)}" if folder is not None else ""
         raise FileNotFoundError(f"No input images found{where} ({what} is empty): give {expected}.")
-    missing = [f for f in files if not os.path.isfile(f)]
+    missing = [f for f in files if not os.path.exists(f)]  # a file, or a folder of one DICOM series
     if missing:
         raise FileNotFoundError(f"Input image(s) not found: {missing}")
     return files

@@ -1,0 +1,93 @@
+"""DICOM series as inference inputs: a folder per series, read as the archive preparation reads it.
+
+``input_images(input_dir)`` lists what an inference run segments: the volume files at the top of ``input_dir`` (NIfTI,
+NRRD, MetaImage) and each folder in it that holds DICOM files (at any depth), one series per folder; ``input_dir``
+itself when it holds DICOM files directly. :class:`DicomSeriesReader`, given to ``LoadImaged`` beside MONAI's
+readers, reads such a folder with data/dicom.py: the one image series in it (a localizer or dose report beside it
+does not count), with the affine ITK would give (tests/test_dicom.py checks the two agree), so the prediction is
+written in the series' own geometry. Its metadata holds the geometry only: no DICOM attribute, no UID.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from monai.data.image_reader import ImageReader
+from monai.utils import MetaKeys, SpaceKeys
+
+from . import dicom, volumes
+
+__all__ = ["DicomSeriesReader", "input_images", "holds_dicom"]
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` starts like a DICOM file (the 'DICM' marker after the preamble)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def holds_dicom(folder: str | os.PathLike) -> bool:
+    """Whether a file under ``folder`` (at any depth) is a DICOM file."""
+    return any(_is_dicom_file(Path(d) / name) for d, _, names in os.walk(folder) for name in names)
+
+
+def input_images(input_dir: str | os.PathLike) -> list[str]:
+    """The inputs of an inference run over ``input_dir``: its volume files and its DICOM series folders, sorted."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        return []
+    entries = sorted(root.iterdir())
+    files = [str(p) for p in entries if p.is_file() and volumes.volume_suffix(p) and not p.name.startswith(".")]
+    if any(p.is_file() and _is_dicom_file(p) for p in entries):  # input_dir is itself a series folder
+        return files + [str(root)]
+    return files + [str(p) for p in entries if p.is_dir() and holds_dicom(p)]
+
+
+class DicomSeriesReader(ImageReader):
+    """MONAI image reader for a folder holding one DICOM image series (files at any depth; other objects such as a
+    localizer, a dose report or a screenshot beside it are left out).
+
+    Raises (on read):
+        ValueError: no image series in the folder, or several (named by their keys), or the series is not one volume
+        (a missing slice, ...: data/dicom.py's reason).
+
+    Example::
+
+        LoadImaged("image", reader=DicomSeriesReader(), ensure_channel_first=True)   # NIfTI files still by nibabel
+    """
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return len(names) == 1 and os.path.isdir(names[0])
+
+    def read(self, data: Sequence[str] | str, **kwargs) -> dicom.Series:
+        folder = os.fspath(data[0] if not isinstance(data, (str, os.PathLike)) else data)
+        files = sorted(str(Path(d) / f) for d, _, names in os.walk(folder) for f in names)
+        series, _ = dicom.scan_files(files)
+        problems = {s.key: dicom.volume_problem(s) for s in series}
+        usable = [s for s in series if problems[s.key] is None]
+        if len(usable) == 1:
+            return usable[0]
+        if usable:
+            keys = ", ".join(s.key for s in usable)
+            raise ValueError(f"{folder} holds {len(usable)} image series ({keys}): give one folder per series "
+                             f"(or convert the tree with tools/prepare.py scans)")  # fmt: skip
+        why = "; ".join(f"{k}: {p}" for k, p in problems.items()) or "no DICOM series"
+        raise ValueError(f"{folder} holds no DICOM series that is one volume ({why})")
+
+    def get_data(self, img: dicom.Series) -> tuple[np.ndarray, dict]:
+        data, affine = dicom.load_volume(img)
+        meta = {
+            MetaKeys.AFFINE: affine,
+            MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(data.shape),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+        }
+        return data, meta
