@@ -67,6 +67,10 @@ class DemoRun:
     Attributes:
         make_args: options of the demo generator (tools/make_demo_data.py) beyond its defaults.
         dataset: folder inside the generator's output that is the dataset folder ("" = the output itself).
+        source: folder inside the generator's output that tools/prepare.py reads ("" = the dataset folder; an
+            archive is prepared into another folder).
+        prepare_args: options of tools/prepare.py; ``{data}`` and ``{dataset}`` stand for the generator's output
+            and the dataset folder.
         input: folder inside the dataset folder that inference reads.
         pretrain_epochs, finetune_epochs, val_interval: the two training stages' lengths.
         env: extra environment of the bundle stages.
@@ -83,6 +87,14 @@ class DemoRun:
     env: dict[str, str] = field(default_factory=dict)
     tiny: dict[str, Any] = field(default_factory=dict)
     default: bool = True
+    source: str = ""
+    prepare_args: tuple[str, ...] = ()
+
+    def prepare_command(self, name: str, data_root: Any) -> list[str]:
+        """``tools/prepare.py`` arguments of the demo: the dataset name, the folder it reads, its options."""
+        dataset_dir = f"{data_root}/{self.dataset}" if self.dataset else str(data_root)
+        folder = f"{data_root}/{self.source}" if self.source else dataset_dir
+        return [name, folder, *(a.format(data=data_root, dataset=dataset_dir) for a in self.prepare_args)]
 
 
 @dataclass(frozen=True)
@@ -114,11 +126,12 @@ class Dataset:
     demo_run: DemoRun
     benchmark: BenchmarkPreset
     data_benchmark_cases: int = 3
+    shares_bundle: bool = False  # another entry's bundle (a data source): its folder name does not name this entry
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Every name the tools accept for this entry: its name, its bundle folder, its aliases."""
-        return (self.name, self.bundle, *self.aliases)
+        """Every name the tools accept for this entry: its name, its bundle folder (unless shared), its aliases."""
+        return (self.name, *(() if self.shares_bundle else (self.bundle,)), *self.aliases)
 
     def prepare_function(self) -> Callable[..., dict]:
         """The function that checks a download and writes its datalist."""
@@ -255,6 +268,42 @@ DATASETS: tuple[Dataset, ...] = (
             default=False,
         ),  # fmt: skip
         benchmark=BenchmarkPreset(sw_size=(256, 256, 128), data_shape=(256, 256, 64)),
+    ),
+    Dataset(
+        name="scans",
+        title="a hospital's own archive: any folder tree of DICOM, NIfTI, NRRD, MHA files, or a PACS over DICOMweb",
+        bundle="msd_seg",
+        aliases=("archive", "dicom", "pacs"),
+        prepare="selfmedmae_components.data.scans:prepare_datalist",
+        prepare_usage="/data/export --out /data/scans [--labels /data/labels] [--modality CT|MR] [--workers N] "
+        "[--label_names [liver,spleen]] [--cache disk] [--pretrain_steps N]   (or http://pacs:8042/dicom-web "
+        "[--query Modality=CT])",
+        demo="selfmedmae_components.data.demo.archive",
+        geometry=Geometry(
+            # a hospital CT archive as the example: thousands of series of ~512 x 512 x 300 at ~0.7 x 0.7 x 1.25 mm,
+            # a handful labelled; MAE reads every series but the held-out evaluation cases
+            spatial_dims=3,
+            channels=1,
+            shape=(512, 512, 300),
+            spacing=(0.7, 0.7, 1.25),
+            labels="classes",
+            cases={"pretrain": (2000, 0), "finetune": (12, 2)},
+            pretrain_keys=("image",),
+        ),  # fmt: skip
+        demo_run=DemoRun(
+            make_args=(),
+            dataset="prepared",
+            input="../new_scans",
+            pretrain_epochs=20,
+            finetune_epochs=30,
+            val_interval=10,
+            tiny={"shape": (24, 24, 16), "extra": 0, "extra_labelled": 0},
+            default=False,
+            source="archive",
+            prepare_args=("--out", "{dataset}", "--labels", "{data}/labels"),
+        ),  # fmt: skip
+        benchmark=BenchmarkPreset(sw_size=(256, 256, 160), data_shape=(256, 256, 64)),
+        shares_bundle=True,
     ),
 )
 

@@ -60,7 +60,8 @@ def test_entry_is_complete(name):
 
     prepare = d.prepare_function()
     assert callable(prepare) and prepare.__module__ == d.prepare.partition(":")[0]
-    assert list(inspect.signature(prepare).parameters)[0] == "dataset_dir"  # tools/prepare.py DATASET FOLDER
+    # tools/prepare.py DATASET FOLDER: the dataset folder, or the source a data source prepares into --out
+    assert list(inspect.signature(prepare).parameters)[0] == ("src" if d.demo_run.source else "dataset_dir")
     demo = d.demo_module()
     make_demo = inspect.signature(demo.make_demo).parameters
     assert list(make_demo)[0] == "out_dir"
@@ -85,10 +86,10 @@ def demo_set(request, tmp_path_factory):
     """(entry, dataset folder with its datalist.json): the tiny demo set, prepared."""
     d = ENTRIES[request.param]
     out = tmp_path_factory.mktemp(d.name)
-    dataset_dir = Path(d.demo_module().make_demo(out, **d.demo_run.tiny))
-    assert dataset_dir == out / d.demo_run.dataset  # where tools/demo.py looks for it
-    d.prepare_function()(dataset_dir)
-    return d, dataset_dir
+    written = Path(d.demo_module().make_demo(out, **d.demo_run.tiny))
+    assert written == out / (d.demo_run.source or d.demo_run.dataset)  # where tools/demo.py looks for it
+    tool("prepare").main(d.demo_run.prepare_command(d.name, out))  # as tools/demo.py prepares it
+    return d, out / d.demo_run.dataset
 
 
 def datalist_ids(node, path: str = "") -> list[str]:
@@ -122,6 +123,16 @@ def test_demo_and_prepare_give_a_datalist_every_stage_reads(demo_set):
 
 def test_prepare_tool_and_old_wrapper_write_the_same_datalist(demo_set, tmp_path):
     d, dataset_dir = demo_set
+    if d.demo_run.source:  # a source prepared into a folder of its own: the same datalist in another folder
+        for name in (d.name, d.names[-1]):
+            command = d.demo_run.prepare_command(name, dataset_dir.parent)
+            command[command.index("--out") + 1] = str(tmp_path / name)
+            proc = subprocess.run([sys.executable, str(REPO / "tools" / "prepare.py"), *command], cwd=REPO,
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert proc.returncode == 0, (name, proc.stderr[-2000:])
+            assert json.loads((tmp_path / name / "datalist.json").read_text()) == json.loads(
+                (dataset_dir / "datalist.json").read_text())  # fmt: skip
+        return
     runs = {
         "prepare.py": [REPO / "tools" / "prepare.py", d.name, dataset_dir],
         "prepare.py alias": [REPO / "tools" / "prepare.py", d.names[-1], dataset_dir],
@@ -165,11 +176,15 @@ def test_make_demo_data_dispatches_through_the_registry(tmp_path, capsys):
 def test_demo_stages_use_the_registry_tools_and_configs(name, tmp_path):
     d = ENTRIES[name]
     demo = tool("demo")
-    stages = demo.stages(d.name, tmp_path)  # a dataset name is as good as the bundle folder
-    assert stages == demo.stages(d.bundle, tmp_path)
+    stages = demo.stages(d.name, tmp_path)  # a dataset name is as good as the bundle folder (or an alias)
+    assert stages == demo.stages(d.names[-1] if d.shares_bundle else d.bundle, tmp_path)
     commands = dict((label, cmd) for label, cmd, _ in stages)
     assert commands["data"][1:4] == ["tools/make_demo_data.py", d.name, str(tmp_path / "data" / d.name)]
     assert commands["prepare"][1:3] == ["tools/prepare.py", d.name]
+    dataset_dir = str(tmp_path / "data" / d.name / d.demo_run.dataset)
+    assert commands["pretrain"][commands["pretrain"].index("--dataset_dir") + 1] == dataset_dir.rstrip("/")
+    if d.demo_run.source:  # the archive is read, the dataset written elsewhere
+        assert commands["prepare"][3:6] == [str(tmp_path / "data" / d.name / d.demo_run.source), "--out", dataset_dir]
     for label, cmd, _ in stages:
         for arg in cmd:
             if arg.startswith("tools/"):

@@ -4,6 +4,7 @@
 
     python tools/demo.py                 # the registry's default bundles (btcv_seg, brats_seg, cxr14_cls)
     python tools/demo.py --bundles msd_seg   # opt-in: any MSD-format dataset (a generated 2-channel MR)
+    python tools/demo.py --bundles scans     # opt-in: a generated hospital archive (DICOM, NIfTI, NRRD) into msd_seg
     python tools/demo.py --bundles btcv_seg --workdir demo_runs     # (or the dataset's name: btcv)
     python tools/demo.py --amp False     # float32, as on a CPU without native bf16 (default: the configs' amp)
 
@@ -147,7 +148,7 @@ def stages(bundle: str, workdir: Path, amp: bool | str | None = None) -> list[tu
     """The demo's commands for ``bundle``, in order, as (label, command, extra environment)."""
     entry = registry.get(bundle)
     spec, bundle = entry.demo_run, entry.bundle
-    data_root, out, py = workdir / "data" / entry.name, workdir / bundle, sys.executable
+    data_root, out, py = workdir / "data" / entry.name, workdir / run_folder(entry.name), sys.executable
     dataset_dir = data_root / spec.dataset
     # the caching progress bar (tqdm) goes to the log file: an update a second, not ten
     env = {"TQDM_MININTERVAL": "1", **spec.env}
@@ -158,7 +159,7 @@ def stages(bundle: str, workdir: Path, amp: bool | str | None = None) -> list[tu
     bundle_run = [py, "-m", "monai.bundle", "run"]
     return [
         ("data", [py, "tools/make_demo_data.py", entry.name, str(data_root), *spec.make_args], {}),
-        ("prepare", [py, "tools/prepare.py", entry.name, str(dataset_dir)], {}),
+        ("prepare", [py, "tools/prepare.py", *spec.prepare_command(entry.name, data_root)], {}),
         ("pretrain", bundle_run + ["pretrain", "--config_file", cfg("pretrain"), *common, *amp_arg,
                                    "--max_epochs", str(spec.pretrain_epochs)], env),
         ("finetune", bundle_run + ["finetune", "--config_file", cfg("finetune"), *common, *amp_arg,
@@ -169,8 +170,15 @@ def stages(bundle: str, workdir: Path, amp: bool | str | None = None) -> list[tu
     ]  # fmt: skip
 
 
+def run_folder(name: str) -> str:
+    """The demo's output folder of a dataset: its bundle's name (demo_runs/btcv_seg), or the dataset's own for a
+    source that shares another's bundle (demo_runs/scans)."""
+    entry = registry.get(name)
+    return entry.name if entry.shares_bundle else entry.bundle
+
+
 def run_demo(bundle: str, workdir: Path, amp: bool | str | None = None) -> None:
-    out = workdir / bundle
+    out = workdir / run_folder(bundle)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
     log.write_text("")
@@ -195,8 +203,10 @@ def main(bundles: str | tuple = tuple(d.bundle for d in registry.DATASETS if d.d
     names = bundles.split(",") if isinstance(bundles, str) else list(bundles)
     unknown = [b for b in names if registry.find(b) is None]
     if unknown:
-        sys.exit(f"unknown bundle(s) {unknown}; choose from {[d.bundle for d in registry.DATASETS]}")
-    names = [registry.get(b).bundle for b in names]
+        sys.exit(
+            f"unknown bundle(s) {unknown}; choose from {[d.name if d.shares_bundle else d.bundle for d in registry.DATASETS]}"
+        )
+    names = [registry.get(b).name for b in names]
     start = time.time()
     for bundle in names:
         run_demo(bundle, (REPO / workdir).resolve(), amp)

@@ -3,8 +3,12 @@
     python tools/prepare.py btcv  /data/btcv [--output PATH] [--num_val_cases 2] [--seed 0] [--check_files False]
     python tools/prepare.py brats /data/Task01_BrainTumour [--eval_fraction 0.2] [--num_val_cases N] [--seed 12345]
     python tools/prepare.py cxr14 /data/cxr14 [--val_fraction 0.1] [--seed 0] [--check_images False]
+    python tools/prepare.py scans /data/export --out /data/scans [--labels /data/labels] [--modality CT] [--workers 8]
+    python tools/prepare.py scans http://pacs:8042/dicom-web --out /data/scans --query Modality=CT
     python tools/prepare.py btcv --help                  # every option of one dataset
 
+``scans`` prepares a hospital's own archive (any tree of DICOM, NIfTI, NRRD, MHA files, or a PACS over DICOMweb) into
+``--out`` for the msd_seg bundle, with a manifest of every series and file (data/scans.py).
 The dataset may be named by its registry name, its bundle folder or an older alias (msd_brats, cxr);
 selfmedmae_components/registry.py says which function prepares it. tools/prepare_btcv.py,
 prepare_msd_brats.py and prepare_cxr14.py are this tool with the dataset filled in.

@@ -44,7 +44,7 @@ from pydicom.pixels import pixel_array as _pydicom_pixels
 from pydicom.tag import BaseTag
 
 __all__ = ["Instance", "Series", "DicomError", "NotDicomError", "PHI_KEYWORDS", "VOLUME_SOP_CLASSES", "phi_values",
-           "read_instance", "scan_files", "group_series", "volume_problem", "load_volume"]  # fmt: skip
+           "read_instance", "scan_files", "group_series", "series_folder", "volume_problem", "load_volume"]  # fmt: skip
 
 # Attributes that identify a patient (a subset of DICOM PS3.15's Basic Application Level Confidentiality Profile:
 # names, identifiers, dates and times, places, people). UIDs identify too; outputs use Series.key instead.
@@ -315,6 +315,12 @@ def group_series(instances: Iterable[Instance]) -> list[Series]:
             groups[str(uid)].append(instance)
     series = [Series(uid, sorted(group, key=_instance_order)) for uid, group in groups.items()]
     return sorted(series, key=lambda s: s.key)
+
+
+def series_folder(series: Series) -> str:
+    """The deepest folder holding every file of ``series``."""
+    paths = [i.source for i in series.instances]
+    return os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
 
 
 def _instance_order(instance: Instance) -> tuple[int, str]:

@@ -1,11 +1,12 @@
 """DICOM series as inference inputs: a folder per series, read as the archive preparation reads it.
 
-``input_images(input_dir)`` lists what an inference run segments: the volume files at the top of ``input_dir`` (NIfTI,
-NRRD, MetaImage) and each folder in it that holds DICOM files (at any depth), one series per folder; ``input_dir``
-itself when it holds DICOM files directly. :class:`DicomSeriesReader`, given to ``LoadImaged`` beside MONAI's
-readers, reads such a folder with data/dicom.py: the one image series in it (a localizer or dose report beside it
-does not count), with the affine ITK would give (tests/test_dicom.py checks the two agree), so the prediction is
-written in the series' own geometry. Its metadata holds the geometry only: no DICOM attribute, no UID.
+``input_images(input_dir)`` lists what an inference run segments: the volume files at the top of ``input_dir``
+(NIfTI, NRRD, MetaImage) and, for each CT, MR, PET or NM series of the DICOM files under it, the deepest folder
+holding the series' files (any layout: a folder per series, a series spread over subfolders, ``input_dir`` itself).
+:class:`DicomSeriesReader`, given to ``LoadImaged`` beside MONAI's readers, reads such a folder with data/dicom.py:
+the one image series in it (a localizer or dose report beside it does not count), with the affine ITK would give
+(tests/test_dicom.py checks the two agree), so the prediction is written in the series' own geometry. Its metadata
+holds the geometry only: no DICOM attribute, no UID.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from . import dicom, volumes
 
-__all__ = ["DicomSeriesReader", "input_images", "holds_dicom"]
+__all__ = ["DicomSeriesReader", "input_images"]
+
+IMAGE_MODALITIES = ("CT", "MR", "PT", "NM")
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -32,21 +35,25 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def holds_dicom(folder: str | os.PathLike) -> bool:
-    """Whether a file under ``folder`` (at any depth) is a DICOM file."""
-    return any(_is_dicom_file(Path(d) / name) for d, _, names in os.walk(folder) for name in names)
-
-
 def input_images(input_dir: str | os.PathLike) -> list[str]:
-    """The inputs of an inference run over ``input_dir``: its volume files and its DICOM series folders, sorted."""
+    """The inputs of an inference run over ``input_dir``: the volume files at its top, and the folder of each
+    cross-sectional DICOM series under it (the deepest folder holding all its files, so a series spread over
+    subfolders is one input; headers only are read). A series that is not one volume (a missing slice, ...) is
+    listed too: its input fails with the reason, it is not left out in silence."""
     root = Path(input_dir)
     if not root.is_dir():
         return []
-    entries = sorted(root.iterdir())
-    files = [str(p) for p in entries if p.is_file() and volumes.volume_suffix(p) and not p.name.startswith(".")]
-    if any(p.is_file() and _is_dicom_file(p) for p in entries):  # input_dir is itself a series folder
-        return files + [str(root)]
-    return files + [str(p) for p in entries if p.is_dir() and holds_dicom(p)]
+    files = sorted(
+        str(p) for p in root.iterdir() if p.is_file() and volumes.volume_suffix(p) and not p.name.startswith(".")
+    )
+    candidates = sorted(Path(d) / f for d, _, names in os.walk(root) for f in names)
+    series, _ = dicom.scan_files([p for p in candidates if not volumes.volume_suffix(p) and _is_dicom_file(p)])
+    images = [s for s in series if s.modality.upper() in IMAGE_MODALITIES and not _localizer(s)]
+    return files + sorted({dicom.series_folder(s) for s in images})
+
+
+def _localizer(series: dicom.Series) -> bool:
+    return "LOCALIZER" in [str(v).upper() for v in series.instances[0].header.get("ImageType", [])]
 
 
 class DicomSeriesReader(ImageReader):

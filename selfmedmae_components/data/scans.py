@@ -93,11 +93,6 @@ def _fingerprint(paths: list[str]) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]
 
 
-def _folder(paths: list[str]) -> str:
-    """The deepest folder holding every file of a series."""
-    return os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-
-
 def folder_sources(root: Path, workers: int) -> tuple[list[Source], list[dict]]:
     """The volume files and DICOM series under ``root``, and a manifest row for every other file."""
     files = sorted(str(Path(d) / f) for d, _, names in os.walk(root) for f in names)
@@ -118,7 +113,7 @@ def folder_sources(root: Path, workers: int) -> tuple[list[Source], list[dict]]:
     series, unusable = dicom.scan_files(other, workers=workers)
     rows += [_row(file_key(os.path.relpath(p, root)), os.path.relpath(p, root), "file", 1, "skipped", why)
              for p, why in unusable]  # fmt: skip
-    folders = [_folder([i.source for i in s.instances]) for s in series]
+    folders = [dicom.series_folder(s) for s in series]
     for s, folder in zip(series, folders):
         rel = os.path.relpath(folder, root)
         # a label may be named after the series' folder when no other series has files in it

@@ -45,7 +45,8 @@ from pydicom.valuerep import DSfloat
 from .msd import LAYOUTS, synthetic_ct
 from .shapes import save_nifti
 
-__all__ = ["PHI", "LABEL_NAMES", "make_archive", "ct_slices", "write_nrrd", "series_key"]
+__all__ = ["PHI", "LABEL_NAMES", "make_archive", "make_demo", "write_case", "network_input", "ct_slices", "write_nrrd",
+           "series_key"]  # fmt: skip
 
 # Identifying values written into every DICOM file; tests search every output for them
 PHI = {
@@ -263,8 +264,11 @@ def _case(seed: int, case: int, shape: tuple[int, int, int]):
     return image, label, _round_affine(affine)
 
 
-def make_archive(out_dir: str | os.PathLike, seed: int = 0, shape: tuple[int, int, int] = (36, 36, 24)) -> dict:
-    """Write the archive and its labels under ``out_dir`` (see the module docstring).
+def make_archive(out_dir: str | os.PathLike, seed: int = 0, shape: tuple[int, int, int] = (36, 36, 24), extra: int = 0,
+                 extra_labelled: int = 0) -> dict:  # fmt: skip
+    """Write the archive and its labels under ``out_dir`` (see the module docstring); ``extra`` more CT series in
+    ``archive/more/series_<n>/`` (the first ``extra_labelled`` of them labelled as ``labels/series_<n>.nii.gz``), for
+    a demo that has something to learn from.
 
     Returns:
         ``root`` (the archive folder), ``labels_dir``, ``phi`` (the identifying values written: the tests search
@@ -353,5 +357,47 @@ def make_archive(out_dir: str | os.PathLike, seed: int = 0, shape: tuple[int, in
     truth["case_nifti"] = {"image": image5, "label": label5, "affine": affine5}
     truth["case_nrrd"] = {"image": image6, "label": label6, "affine": affine6}
 
+    for n in range(1, int(extra) + 1):
+        image, label, affine = _case(seed, 100 + n, shape)
+        study = {"uid": _uid(seed, "study", "extra", str(n)), "id": str(100 + n)}
+        uid = _uid(seed, "extra", str(n))
+        datasets = ct_slices(image, affine, study, uid, _uid(seed, "frame", "extra", str(n)), 2, "ABDOMEN", seed)
+        folder = root / "more" / f"series_{n}"
+        dicom_source(f"extra_{n}", datasets, [folder / f"IM{k + 1:04d}" for k in range(len(datasets))])
+        truth[f"extra_{n}"] = {"image": image, "label": label, "affine": affine}
+        if n <= int(extra_labelled):
+            save_nifti(label, affine, labels_dir / f"series_{n}.nii.gz")
+            labels[f"extra_{n}"] = {"path": str(labels_dir / f"series_{n}.nii.gz"), "format": "nifti",
+                                    "values": dict(LABEL_NAMES)}  # fmt: skip
+
     return {"root": str(root), "labels_dir": str(labels_dir), "phi": sorted(set(PHI.values())),
             "phi_attributes": dict(PHI), "sources": sources, "labels": labels, "truth": truth}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- the demo
+def make_demo(out_dir: str | os.PathLike, seed: int = 0, shape: tuple[int, int, int] = (36, 36, 24), extra: int = 8,
+              extra_labelled: int = 5) -> str:  # fmt: skip
+    """The archive (:func:`make_archive` with ``extra`` more series, ``extra_labelled`` of them labelled) and, in
+    ``new_scans/``, a new study as a PACS export holds it (a CT series in its own folder, a dose report beside it)
+    for inference. Returns the archive folder (what ``tools/prepare.py scans`` reads)."""
+    info = make_archive(out_dir, seed, shape, extra, extra_labelled)
+    image, _, affine = _case(seed, 999, tuple(int(n) for n in shape))
+    study = {"uid": _uid(seed, "study", "new"), "id": "999"}
+    series = ct_slices(image, affine, study, _uid(seed, "new"), _uid(seed, "frame", "new"), 2, "ABDOMEN 5mm", seed)
+    folder = Path(out_dir) / "new_scans" / "study_999" / "ct"
+    _save(series + [_dose_report(study, seed)], [folder / f"IM{k + 1:04d}" for k in range(len(series) + 1)])
+    return info["root"]
+
+
+def write_case(folder: Path, index: int, rng: np.random.Generator, shape: tuple[int, ...], spacing=None) -> dict:
+    """One synthetic CT case as NIfTI files (the benchmarks' hook; data/demo/msd.py's CT layout)."""
+    from .msd import write_case as msd_write_case
+
+    return msd_write_case(folder, index, rng, shape, spacing, layout="ct")
+
+
+def network_input(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A (1, *shape) CT case windowed to [0, 1], as the network sees it."""
+    from .msd import network_input as msd_network_input
+
+    return msd_network_input(rng, shape, layout="ct")
