@@ -125,6 +125,12 @@ def folder_sources(root: Path, workers: int) -> tuple[list[Source], list[dict]]:
     return sources, rows
 
 
+def _public(url: str) -> str:
+    from .dicomweb import public_url
+
+    return public_url(url)
+
+
 def remote_sources(url: str, query: Any) -> tuple[list[Source], Any]:
     """The series a DICOMweb server lists for ``query``."""
     from . import dicomweb
@@ -148,8 +154,9 @@ def _series_of(source: Source) -> dicom.Series:
         from . import dicomweb
 
         url, remote = source.payload
-        client = _clients.setdefault(url, None) or _clients.setdefault(url, dicomweb.connect(url))
-        _clients[url] = client
+        client = _clients.get(url)
+        if client is None:  # one connection per process
+            client = _clients[url] = dicomweb.connect(url)
         datasets = dicomweb.retrieve_series(client, remote)
         series = dicom.group_series(dicom.Instance("dicomweb", ds, ds) for ds in datasets)
         if len(series) != 1:
@@ -198,7 +205,8 @@ def convert(source: Source, out: str, min_slices: int) -> dict:
         row["retry"] = type(e).__name__ == "DicomwebError"
         return row
     except Exception as e:  # one odd file must not stop an archive of thousands; its row says what happened
-        row["reason"] = f"unexpected error ({type(e).__name__}: {e})"
+        row["reason"] = f"unexpected error ({type(e).__name__}: {e}); tried again at the next call"
+        row["retry"] = True
         return row
     image = f"images/{source.key}.nii.gz"
     volumes.write_nifti(data, affine, Path(out) / image)
@@ -382,6 +390,8 @@ def _not_taken(source: Source, chosen: str, given: str | None) -> str:
         problem = dicom.volume_problem(source.payload)
         if problem:
             return problem
+    if source.kind == "dicomweb" and source.modality.upper() not in VOLUME_MODALITIES:
+        return f"not a cross-sectional image: modality {source.modality} in the PACS's listing (not retrieved)"
     return (f"modality {source.modality}; this dataset takes {chosen} "
             f"({'--modality' if given else 'the most common; --modality to choose'})")  # fmt: skip
 
@@ -464,6 +474,7 @@ def prepare_datalist(
         DatasetError: no output folder, an output inside the source, nothing usable, a PACS that cannot be reached.
     """
     remote = str(src).startswith(("http://", "https://"))
+    where = _public(str(src)) if remote else str(src)  # a URL without its credentials, for every message
     if out is None:
         raise DatasetError("--out is required: the folder the dataset is written to (never the source).")
     out = Path(out).expanduser().resolve()
@@ -497,9 +508,8 @@ def prepare_datalist(
     used = [r for r in rows if r["status"] == "used"]
     if not used:
         write_manifest(rows + other + extra_rows + label_rows + refused, out / "manifest.csv")
-        raise DatasetError(f"no usable {chosen} volume in {src}: see {out / 'manifest.csv'} for each file's reason.")
-    datalist = _datalist(used, classes, chosen, out, seed, eval_fraction, num_val_cases, src if not remote else
-                         __import__(f"{__package__}.dicomweb", fromlist=["x"]).public_url(str(src)),
+        raise DatasetError(f"no usable {chosen} volume in {where}: see {out / 'manifest.csv'} for each file's reason.")
+    datalist = _datalist(used, classes, chosen, out, seed, eval_fraction, num_val_cases, where,
                          dict(normalization=normalization, hu_window=hu_window, pixdim=pixdim, roi_size=roi_size,
                               cache=cache, pretrain_steps=pretrain_steps))  # fmt: skip
     write_manifest(rows + other + extra_rows + label_rows + refused, out / "manifest.csv")
