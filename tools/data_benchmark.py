@@ -43,6 +43,11 @@ generated MSD-format CT of ``--shape`` voxels, prepared by tools/prepare.py msd)
 For each size and cache, in a fresh process: the time to fill the cache (``num_workers`` threads), the resident set
 (VmRSS) after building the dataset and after drawing ``--batches`` batches, and crops/s per data-loader worker (one
 thread); ram's figures are its own baseline, measured in the same run.
+
+``--decode 512,512,200`` measures what an epoch without any cache would pay per series of a hospital archive, and why
+tools/prepare.py scans decodes each DICOM series once into a NIfTI file: one CT series of that many voxels written as
+DICOM slices, then read by data/dicom.py (headers and pixels), by MONAI's ITKReader (GDCM) and, once written, as
+NIfTI (.nii.gz, nibabel), each timed over ``--batches`` repetitions.
 """
 
 from __future__ import annotations
@@ -387,6 +392,52 @@ def cache_scaling(caches: list[str], sizes: list[int], shape: tuple[int, ...], b
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------ DICOM decoding (--decode)
+def decode_times(shape: tuple[int, ...], repeats: int, log) -> str:
+    from monai.transforms import LoadImage
+
+    from selfmedmae_components.data import dicom, volumes
+    from selfmedmae_components.data.demo import archive, msd
+
+    image, _, affine = msd.synthetic_ct(np.random.default_rng(0), tuple(shape))
+    times: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "series"
+        study = {"uid": "1.2.3.4", "id": "1"}
+        datasets = archive.ct_slices(image, affine, study, "1.2.3.4.5", "1.2.3.4.6", 2, "CT")
+        for k, ds in enumerate(datasets):
+            folder.mkdir(exist_ok=True)
+            ds.save_as(folder / f"IM{k:04d}", enforce_file_format=True)
+        files = sorted(str(p) for p in folder.iterdir())
+
+        def timed(label: str, fn) -> None:
+            fn()  # untimed: the page cache warm, libraries loaded
+            t = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            times[label] = (time.perf_counter() - t) / repeats
+            log(f"  {label}: {times[label]:.3f} s")
+
+        nifti = Path(tmp) / "series.nii.gz"
+        timed("DICOM: data/dicom.py (headers, then pixels)", lambda: dicom.load_volume(dicom.scan_files(files)[0][0]))
+        timed("DICOM: MONAI ITKReader (GDCM)", lambda: LoadImage(reader="ITKReader", image_only=True)(str(folder)))
+        timed("NIfTI write (.nii.gz, nibabel)", lambda: volumes.write_nifti(image, affine, nifti))
+        timed("NIfTI read (.nii.gz, nibabel)", lambda: np.asanyarray(nib_load(nifti).dataobj))
+        mb = image.nbytes / 2**20
+    base = times["NIfTI read (.nii.gz, nibabel)"]
+    lines = [f"One CT series of {tuple(shape)} voxels ({len(files)} slices, {mb:.0f} MB as int16), per read, "
+             f"{repeats} repetitions, warm page cache, one process:", "",
+             "| read | s per series | vs NIfTI read |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {label} | {t:.3f} | {t / base:.1f} |" for label, t in times.items()]
+    return "\n".join(lines)
+
+
+def nib_load(path):
+    import nibabel
+
+    return nibabel.load(str(path))
+
+
 def main(
     bundles: str | tuple | list | None = None,
     configs: str | tuple | list = "pretrain,finetune",
@@ -401,6 +452,7 @@ def main(
     shape: str | tuple | list = (128, 128, 80),
     workers: int = 2,
     measure_cache: str | None = None,
+    decode: str | tuple | list | None = None,
 ) -> None:
     """See the module docstring. ``--cases`` defaults to the registry's ``data_benchmark_cases``: 3 volumes
     (btcv, brats) or 500 images (cxr14). ``--repo`` measures another checkout's bundles and components on the
@@ -409,6 +461,14 @@ def main(
     if measure_cache:  # one row of --caches, in its own process
         args = json.loads(measure_cache) if isinstance(measure_cache, str) else measure_cache  # fire may parse it
         print(json.dumps(measure_cache_row(*args)))
+        return
+    if decode:
+        t0 = time.perf_counter()
+        shape = [int(x) for x in (decode.split(",") if isinstance(decode, str) else decode)]
+        table = decode_times(tuple(shape), batches, lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}"))
+        print("\n" + table)
+        if out:
+            Path(out).write_text(table + "\n")
         return
     if caches:
         t0 = time.perf_counter()
