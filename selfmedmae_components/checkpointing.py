@@ -129,6 +129,17 @@ class AtomicCheckpointSaver(CheckpointSaver):
             path.unlink(missing_ok=True)
 
 
+def _across_ranks(value: Any) -> list:
+    """``value`` of every process of a distributed run (this process's alone otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def attach_resume(
     engine: Engine, resume: bool, ckpt_dir: str, prefix: str, load_dict: dict, map_location: Any = None
 ) -> str | None:
@@ -143,11 +154,26 @@ def attach_resume(
 
     found = [(score_of(p), p) for p in Path(ckpt_dir).glob(f"{prefix}_checkpoint_epoch=*.pt")]
     bad = [str(p) for s, p in found if s is None]
+    problem = None
     if bad:
-        raise ValueError(f"resume=true: cannot read the epoch of {bad}; expected '{prefix}_checkpoint_epoch=N.pt'.")
-    if not found:
-        raise FileNotFoundError(f"resume=true but no '{prefix}_checkpoint_epoch=N.pt' in {ckpt_dir} to resume from.")
-    newest = max(found)[1]
+        problem = ValueError(f"resume=true: cannot read the epoch of {bad}; expected '{prefix}_checkpoint_epoch=N.pt'.")
+    elif not found:
+        problem = FileNotFoundError(
+            f"resume=true but no '{prefix}_checkpoint_epoch=N.pt' in {ckpt_dir} to resume from."
+        )
+    newest = None if problem else max(found)[1]
+    # every rank must resume from the same file (a node with its own stale ckpt_dir, or a shared filesystem whose
+    # listing lags, would not): the ranks compare their choices before any of them raises or loads
+    choices = _across_ranks((None if problem is None else str(problem), None if newest is None else str(newest)))
+    if problem is not None:
+        raise problem
+    failed = [f"rank {r}: {why}" for r, (why, _) in enumerate(choices) if why]
+    if failed or len({path for _, path in choices}) > 1:
+        per_rank = failed or [f"rank {r}: {path}" for r, (_, path) in enumerate(choices)]
+        raise FileNotFoundError(
+            "resume=true: the processes would not resume from one checkpoint (" + "; ".join(per_rank) + "). ckpt_dir "
+            "(bundle_root) must be one folder on a filesystem every node shares."
+        )
     logger.info(f"Resuming from {newest}")
     print(f"Resuming from {newest}", flush=True)
     CheckpointLoader(load_path=str(newest), load_dict=load_dict, map_location=map_location).attach(engine)

@@ -143,3 +143,54 @@ def test_loss_log_keeps_each_epoch_once_after_a_resume(tmp_path):
     EpochLossLogger(str(log)).attach(fresh)
     with pytest.raises(ValueError, match="loss.csv is not a loss log"):
         fresh.run([1, 2], max_epochs=1)
+
+
+def _resume_on_rank(rank: int, store: str, ckpt_dirs: list, answers) -> None:
+    import torch.distributed as dist
+
+    from selfmedmae_components.handlers import attach_resume
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(ckpt_dirs))
+    try:
+        path = attach_resume(Engine(lambda e, b: None), True, ckpt_dirs[rank], "mae", {"model": torch.nn.Linear(1, 1)})
+        answers.put((rank, f"resumes from {Path(path).name}"))
+    except Exception as e:
+        answers.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def resume_in_two_processes(tmp_path, ckpt_dirs) -> dict:
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    tmp_path.mkdir()
+    procs = [context.Process(target=_resume_on_rank, args=(r, str(tmp_path / "store"), ckpt_dirs, answers))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return dict(answers.get(timeout=5) for _ in procs)
+
+
+def test_the_ranks_of_a_run_resume_from_one_checkpoint_or_none(tmp_path):
+    """Two processes (as two nodes): with one shared folder both resume from its newest checkpoint; with folders of
+    their own that disagree (a node's stale local bundle_root) both stop with an error naming each rank's choice,
+    before either loads anything."""
+    shared, stale = tmp_path / "shared", tmp_path / "stale"
+    for folder, epochs in ((shared, (2, 4)), (stale, (2,))):
+        folder.mkdir()
+        for epoch in epochs:
+            torch.save({"model": torch.nn.Linear(1, 1).state_dict()}, folder / f"mae_checkpoint_epoch={epoch}.pt")
+    assert resume_in_two_processes(tmp_path / "a", [str(shared), str(shared)]) == {
+        0: "resumes from mae_checkpoint_epoch=4.pt", 1: "resumes from mae_checkpoint_epoch=4.pt"}  # fmt: skip
+    answers = resume_in_two_processes(tmp_path / "b", [str(shared), str(stale)])
+    for rank in (0, 1):
+        assert "would not resume from one checkpoint" in answers[rank], answers
+        assert "rank 0: " + str(shared / "mae_checkpoint_epoch=4.pt") in answers[rank]
+        assert "rank 1: " + str(stale / "mae_checkpoint_epoch=2.pt") in answers[rank]
+    answers = resume_in_two_processes(tmp_path / "c", [str(shared), str(tmp_path / "empty")])
+    assert answers[1].startswith("FileNotFoundError: resume=true but no 'mae_checkpoint_epoch=N.pt'")
+    assert "rank 1: resume=true but no" in answers[0] and "every node shares" in answers[0]
