@@ -53,7 +53,8 @@ __all__ = ["CACHE_MODES", "cached_dataset", "DiskCacheDataset", "transform_finge
 CACHE_MODES = ("ram", "disk", "none")
 _NOT_SETTINGS = (np.random.RandomState, torch.Generator, type(threading.Lock()), type(threading.RLock()))
 FORMAT = 1  # of an entry's meta.json; a change makes new entry names
-MMAP_BYTES = 1 << 20  # arrays from 1 MiB up are memory-mapped (a crop reads its pages only), smaller ones read whole
+MMAP_BYTES = 1 << 20  # arrays from 1 MiB up are memory-mapped: a crop reads its pages only (as fast as RAM from a
+# 250 x 250 x 150 volume up; reading it whole first is 1.5 times slower there, 5 times at 400 x 400 x 250)
 INLINE_BYTES = 1 << 12  # arrays up to 4 KiB (crop coordinates, class vectors) sit in meta.json: one file less to open
 STALE_TMP_S = 6 * 3600  # temporary folders older than this are left-overs of killed runs
 
