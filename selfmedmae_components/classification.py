@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import ROCAUCMetric, compute_roc_auc
 
+from .data.dicom import has_dicom_marker
 from .io import write_json_atomic, write_text_atomic
 
 __all__ = [
@@ -219,14 +220,6 @@ class ClassificationReport(ProbabilityCSVWriter):
 
 
 # ----------------------------------------------------------------------------- inference input
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 def find_images(input_dir: str | os.PathLike) -> list[str]:
     """Sorted image files of a folder (not recursive): ``.png .jpg .jpeg .dcm`` (any case), extension-less
     files that carry the DICOM ``DICM`` preamble, and single-slice ``.nii .nii.gz .nrrd`` volumes.
@@ -245,7 +238,7 @@ def find_images(input_dir: str | os.PathLike) -> list[str]:
         for p in files
         if p.suffix.lower() in IMAGE_SUFFIXES
         or p.name.lower().endswith(VOLUME_SUFFIXES)
-        or (p.suffix == "" and _is_dicom(p))
+        or (p.suffix == "" and has_dicom_marker(p))
     ]
     if not found:
         raise FileNotFoundError(

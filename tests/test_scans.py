@@ -19,7 +19,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from bundle_runner import config_path, read_losses
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
@@ -191,16 +190,6 @@ def test_volume_files_need_a_modality_when_no_dicom_says_it(archive, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ msd_seg on it
-@pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
-
-
 def run_here(stage: str, **overrides) -> None:
     """``monai.bundle.run`` of msd_seg's ``stage`` with the demo preset, in this process."""
     from monai.bundle import run
@@ -210,7 +199,7 @@ def run_here(stage: str, **overrides) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle_run(archive, prepared, single_thread, tmp_path_factory) -> dict:
+def bundle_run(archive, prepared, one_thread, tmp_path_factory) -> dict:
     """pretrain -> finetune -> evaluate -> inference of msd_seg on the prepared archive, no edit: the dataset's own
     settings (disk cache included), a narrower ViT; inference on a DICOM series exported beside a dose report."""
     root = tmp_path_factory.mktemp("bundle")

@@ -43,7 +43,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as _pydicom_pixels
 from pydicom.tag import BaseTag
 
-__all__ = ["Instance", "Series", "DicomError", "NotDicomError", "PHI_KEYWORDS", "VOLUME_SOP_CLASSES", "phi_values",
+__all__ = ["Instance", "Series", "DicomError", "NotDicomError", "PHI_KEYWORDS", "VOLUME_SOP_CLASSES", "phi_values", "has_dicom_marker",
            "read_instance", "scan_files", "group_series", "series_folder", "volume_problem", "load_volume"]  # fmt: skip
 
 # Attributes that identify a patient (a subset of DICOM PS3.15's Basic Application Level Confidentiality Profile:
@@ -137,6 +137,16 @@ def phi_values(header: pydicom.Dataset) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+
+
+def has_dicom_marker(path: str | os.PathLike) -> bool:
+    """Whether ``path`` carries the DICOM file marker ('DICM' after the 128-byte preamble): a quick test, 132 bytes
+    read (files without the preamble exist on old media; :func:`read_instance` takes those too)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _looks_like_raw_dicom(head: bytes) -> bool:

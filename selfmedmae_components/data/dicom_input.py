@@ -26,15 +26,6 @@ __all__ = ["DicomSeriesReader", "input_images"]
 IMAGE_MODALITIES = ("CT", "MR", "PT", "NM")
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """Whether ``path`` starts like a DICOM file (the 'DICM' marker after the preamble)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 def input_images(input_dir: str | os.PathLike) -> list[str]:
     """The inputs of an inference run over ``input_dir``: the volume files at its top, and the folder of each
     cross-sectional DICOM series under it (the deepest folder holding all its files, so a series spread over
@@ -47,7 +38,7 @@ def input_images(input_dir: str | os.PathLike) -> list[str]:
         str(p) for p in root.iterdir() if p.is_file() and volumes.volume_suffix(p) and not p.name.startswith(".")
     )
     candidates = sorted(Path(d) / f for d, _, names in os.walk(root) for f in names)
-    series, _ = dicom.scan_files([p for p in candidates if not volumes.volume_suffix(p) and _is_dicom_file(p)])
+    series, _ = dicom.scan_files([p for p in candidates if not volumes.volume_suffix(p) and dicom.has_dicom_marker(p)])
     images = [s for s in series if s.modality.upper() in IMAGE_MODALITIES and not _localizer(s)]
     return files + sorted({dicom.series_folder(s) for s in images})
 
