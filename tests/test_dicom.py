@@ -2,6 +2,7 @@
 or file left out has its reason, and a loaded volume has the painted HU and exactly the geometry MONAI's ITKReader
 (GDCM) gives the same folder, in whatever order its slices are stored. Small synthetic files: a few seconds."""
 
+import locale
 import logging
 import re
 from pathlib import Path
@@ -299,12 +300,16 @@ def test_jpeg_lossless_written_by_gdcm_loads_the_same(tmp_path):
     image = small_image()
     plain = write_series(tmp_path / "plain", image)
     (tmp_path / "jpeg").mkdir()
-    for path in plain:
-        io = itk.GDCMImageIO.New()
-        io.SetCompressionType(itk.GDCMImageIOEnums.Compression_JPEG)
-        io.KeepOriginalUIDOn()
-        itk.imwrite(itk.imread(str(path), itk.SS, imageio=io), str(tmp_path / "jpeg" / path.name), imageio=io,
-                    compression=True)  # fmt: skip
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        for path in plain:
+            io = itk.GDCMImageIO.New()
+            io.SetCompressionType(itk.GDCMImageIOEnums.Compression_JPEG)
+            io.KeepOriginalUIDOn()
+            itk.imwrite(itk.imread(str(path), itk.SS, imageio=io), str(tmp_path / "jpeg" / path.name), imageio=io,
+                        compression=True)  # fmt: skip
+    finally:  # GDCM's writer leaves the process in the C locale: every later text decode would be ASCII
+        locale.setlocale(locale.LC_ALL, saved)
     jpeg = sorted((tmp_path / "jpeg").iterdir())
     assert pydicom.dcmread(jpeg[0]).file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
     for got, want in zip(load_files(jpeg), load_files(plain)):
