@@ -41,8 +41,9 @@ generated MSD-format CT of ``--shape`` voxels, prepared by tools/prepare.py msd)
     python tools/data_benchmark.py --caches ram,disk,none --cases 50,500,2000 --shape 128,128,80
 
 For each size and cache, in a fresh process: the time to fill the cache (``num_workers`` threads), the resident set
-(VmRSS) after building the dataset and after drawing, and crops/s per data-loader worker (one thread; the best of 3
-rounds of ``--batches`` batches); ram's figures are its own baseline, measured in the same run.
+(VmRSS) after building the dataset and after drawing, and crops/s per data-loader worker (one thread, with the
+worker's memory setting, data/loader.py retain_freed_memory; the best of 3 rounds of ``--batches`` batches); ram's
+figures are its own baseline, measured in the same run.
 
 ``--decode 512,512,200`` measures what an epoch without any cache would pay per series of a hospital archive, and why
 tools/prepare.py scans decodes each DICOM series once into a NIfTI file: one CT series of that many voxels written as
@@ -57,6 +58,7 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -350,9 +352,13 @@ def measure_cache_row(dataset: str, cache: str, cache_dir: str, batches: int, wo
     t = time.perf_counter()
     built = parser.get_parsed_content("train#dataset")
     fill_s = time.perf_counter() - t
+    os.sync()  # the cache just written goes to disk now, not while the draws are timed (2 cores: writeback competes)
     _settle()
     after_build = _status_kb("VmRSS") / 1024
     batch_size = int(parser.get_parsed_content("train#dataloader#batch_size"))
+    from selfmedmae_components.data.loader import retain_freed_memory
+
+    retain_freed_memory()  # as EpochSeededDataLoader's workers do
     # the best of 3 rounds: a round is a few seconds, and another process on the machine slows one, not three
     row = max((crops_per_s(built, list_data_collate, batch_size, batches) for _ in range(3)),
               key=lambda r: r["crops_per_s"])  # fmt: skip

@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import socket
@@ -52,7 +53,7 @@ __all__ = ["CACHE_MODES", "cached_dataset", "DiskCacheDataset", "transform_finge
 
 CACHE_MODES = ("ram", "disk", "none")
 _NOT_SETTINGS = (np.random.RandomState, torch.Generator, type(threading.Lock()), type(threading.RLock()))
-FORMAT = 1  # of an entry's meta.json; a change makes new entry names
+FORMAT = 2  # of an entry's meta.json; a change makes new entry names
 MMAP_BYTES = 1 << 20  # arrays from 1 MiB up are memory-mapped: a crop reads its pages only (as fast as RAM from a
 # 250 x 250 x 150 volume up; reading it whole first is 1.5 times slower there, 5 times at 400 x 400 x 250)
 INLINE_BYTES = 1 << 12  # arrays up to 4 KiB (crop coordinates, class vectors) sit in meta.json: one file less to open
@@ -186,21 +187,28 @@ def _encode(key: str, stem: str, value: Any, folder: Path, files: dict[str, int]
     """Write the item's ``value`` under ``key`` as .npy files named after ``stem`` in ``folder``; returns its
     description for meta.json."""
 
-    def save(array: np.ndarray, suffix: str = "") -> str:
-        file = f"{stem}{suffix}.npy"
-        np.save(folder / file, np.ascontiguousarray(array), allow_pickle=False)
+    def save(array: np.ndarray, suffix: str = "") -> dict:
+        """The array as a .npy file (readable by anyone with numpy), and where its data starts (read without
+        parsing the header again)."""
+        array, file = np.ascontiguousarray(array), f"{stem}{suffix}.npy"
+        np.save(folder / file, array, allow_pickle=False)
         files[file] = (folder / file).stat().st_size
-        return file
+        return {
+            "file": file,
+            "dtype": array.dtype.str,
+            "shape": list(array.shape),
+            "offset": files[file] - array.nbytes,
+        }
 
     def stored(array: np.ndarray) -> dict:
         if array.nbytes <= INLINE_BYTES and array.dtype.kind in "biuf":
             return {"inline": array.tolist(), "dtype": str(array.dtype), "shape": list(array.shape)}
-        return {"file": save(array)}
+        return save(array)
 
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu().as_subclass(torch.Tensor)
         if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits as int16
-            return {"kind": "tensor", "file": save(tensor.view(torch.int16).numpy()), "dtype": "bfloat16"}
+            return {"kind": "tensor", "bfloat16": True, **save(tensor.view(torch.int16).numpy())}
         return {"kind": "tensor", **stored(tensor.numpy())}
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
@@ -218,26 +226,42 @@ def _encode(key: str, stem: str, value: Any, folder: Path, files: dict[str, int]
     return {"kind": "json", "value": value}
 
 
-def _decode(spec: dict, folder: Path) -> Any:
-    def load(file: str) -> np.ndarray:
-        path = folder / file
-        mmap = "c" if path.stat().st_size >= MMAP_BYTES else None  # copy-on-write: writable, the file untouched
-        return np.load(path, mmap_mode=mmap, allow_pickle=False)
+def _numeric(dtype: str) -> np.dtype:
+    """A dtype from meta.json, refused unless plain numbers (never objects: nothing there can unpickle)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf" or dtype.hasobject:
+        raise ValueError(f"not a numeric dtype: {dtype}")
+    return dtype
 
-    def array() -> np.ndarray:
+
+def _load(folder: Path, spec: dict) -> np.ndarray:
+    """An array of the entry: from 1 MiB up memory-mapped copy-on-write (writable, the file untouched), else read."""
+    dtype, shape = _numeric(spec["dtype"]), [int(n) for n in spec["shape"]]
+    count, offset = int(np.prod(shape)), int(spec["offset"])
+    with open(folder / spec["file"], "rb") as f:
+        if offset + count * dtype.itemsize != os.fstat(f.fileno()).st_size:
+            raise ValueError(f"{spec['file']}: not the array meta.json describes")
+        if count * dtype.itemsize < MMAP_BYTES:
+            return np.fromfile(f, dtype, count, offset=offset).reshape(shape)
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return np.frombuffer(mapped, dtype, count, offset).reshape(shape)
+
+
+def _decode(spec: dict, folder: Path) -> Any:
+    def array(spec: dict) -> np.ndarray:
         if "inline" in spec:
-            return np.asarray(spec["inline"], dtype=spec["dtype"]).reshape(spec["shape"])
-        return load(spec["file"])
+            return np.asarray(spec["inline"], dtype=_numeric(spec["dtype"])).reshape(spec["shape"])
+        return _load(folder, spec)
 
     kind = spec["kind"]
     if kind == "tensor":
-        tensor = torch.from_numpy(array())
-        return tensor.view(torch.bfloat16) if spec.get("dtype") == "bfloat16" else tensor
+        tensor = torch.from_numpy(array(spec))
+        return tensor.view(torch.bfloat16) if spec.get("bfloat16") else tensor
     if kind == "array":
-        return array()
+        return array(spec)
     if kind == "packed_indices":
         packed = PackedIndices.__new__(PackedIndices)
-        packed.bits, packed.ends, packed.size = load(spec["bits"]), load(spec["ends"]), int(spec["size"])
+        packed.bits, packed.ends, packed.size = array(spec["bits"]), array(spec["ends"]), int(spec["size"])
         return packed
     if kind == "json":
         return spec["value"]

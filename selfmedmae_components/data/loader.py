@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import random
 from typing import Any
 
@@ -9,9 +10,36 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 from monai.data.utils import set_rnd
+from monai.data.utils import worker_init_fn as monai_worker_init
 from torch.utils.data import Dataset, RandomSampler, get_worker_info
 
-__all__ = ["EpochSeededDataLoader"]
+__all__ = ["EpochSeededDataLoader", "retain_freed_memory"]
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def retain_freed_memory(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool:
+    """Keep this process's freed memory for its next allocations (glibc only; False elsewhere).
+
+    glibc serves each allocation from 128 KiB up (a crop, a 40 MB batch) with a fresh mmap and unmaps it when freed,
+    so every batch a data-loader worker builds first takes a page fault per 4 KiB page. Served from the heap instead
+    (up to ``mmap_threshold_mb``), and with up to ``trim_threshold_mb`` of freed heap kept, the next batch reuses the
+    pages: msd_seg's pre-training crops per second per worker rose by a third from the RAM cache and by 3/4 from the
+    disk cache (tools/data_benchmark.py --caches; 2-core VM, where faults are dear), for up to ``trim_threshold_mb``
+    more resident memory per worker."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb << 20)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb << 20)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
+def _worker_init(worker_id: int) -> None:
+    retain_freed_memory()
+    monai_worker_init(worker_id)
 
 
 class _EpochSeeded(Dataset):
@@ -74,6 +102,7 @@ class EpochSeededDataLoader(DataLoader):
             kwargs["sampler"] = RandomSampler(wrapped, generator=self._shuffle)
         # PyTorch draws its worker base seed from `generator`: a private one leaves the main RNG alone
         kwargs.setdefault("generator", torch.Generator())
+        kwargs.setdefault("worker_init_fn", _worker_init)  # MONAI's, after retain_freed_memory
         super().__init__(wrapped, **kwargs)
 
     def __iter__(self):
