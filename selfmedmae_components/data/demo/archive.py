@@ -267,8 +267,8 @@ def _case(seed: int, case: int, shape: tuple[int, int, int]):
 def make_archive(out_dir: str | os.PathLike, seed: int = 0, shape: tuple[int, int, int] = (36, 36, 24), extra: int = 0,
                  extra_labelled: int = 0) -> dict:  # fmt: skip
     """Write the archive and its labels under ``out_dir`` (see the module docstring); ``extra`` more CT series in
-    ``archive/more/series_<n>/`` (the first ``extra_labelled`` of them labelled as ``labels/series_<n>.nii.gz``), for
-    a demo that has something to learn from.
+    ``archive/more/extra_<n>/`` (the first ``extra_labelled`` of them labelled as ``labels/more/extra_<n>.nii.gz``),
+    for a demo that has something to learn from.
 
     Returns:
         ``root`` (the archive folder), ``labels_dir``, ``phi`` (the identifying values written: the tests search
@@ -362,13 +362,13 @@ def make_archive(out_dir: str | os.PathLike, seed: int = 0, shape: tuple[int, in
         study = {"uid": _uid(seed, "study", "extra", str(n)), "id": str(100 + n)}
         uid = _uid(seed, "extra", str(n))
         datasets = ct_slices(image, affine, study, uid, _uid(seed, "frame", "extra", str(n)), 2, "ABDOMEN", seed)
-        folder = root / "more" / f"series_{n}"
+        folder = root / "more" / f"extra_{n}"
         dicom_source(f"extra_{n}", datasets, [folder / f"IM{k + 1:04d}" for k in range(len(datasets))])
         truth[f"extra_{n}"] = {"image": image, "label": label, "affine": affine}
-        if n <= int(extra_labelled):
-            save_nifti(label, affine, labels_dir / f"series_{n}.nii.gz")
-            labels[f"extra_{n}"] = {"path": str(labels_dir / f"series_{n}.nii.gz"), "format": "nifti",
-                                    "values": dict(LABEL_NAMES)}  # fmt: skip
+        if n <= int(extra_labelled):  # named by the series folder's path, mirrored under labels/
+            path = labels_dir / "more" / f"extra_{n}.nii.gz"
+            save_nifti(label, affine, path)
+            labels[f"extra_{n}"] = {"path": str(path), "format": "nifti", "values": dict(LABEL_NAMES)}
 
     return {"root": str(root), "labels_dir": str(labels_dir), "phi": sorted(set(PHI.values())),
             "phi_attributes": dict(PHI), "sources": sources, "labels": labels, "truth": truth}  # fmt: skip
