@@ -153,3 +153,50 @@ def test_randaugment_is_seeded_and_can_be_disabled():
     assert torch.equal(off({"image": img})["image"], img)
     with pytest.raises(ValueError, match="magnitude"):
         RandAugmentd("image", magnitude=12)
+
+
+def reference_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney: the fraction of (positive, negative) pairs ranked right, ties counting half."""
+    pos, neg = scores[positive == 1][:, None], scores[positive == 0][None, :]
+    return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
+
+
+def _auc_on_rank(rank: int, store: str, probs, labels, answers) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        metric = MeanROCAUC(output_transform=lambda out: ([o["pred"] for o in out], [o["label"] for o in out]))
+        engine = Engine(lambda e, batch: batch)
+        metric.attach(engine, "mean_auc")
+        mine = [{"pred": probs[i], "label": labels[i]} for i in range(rank, len(probs), 2)]  # each image to one rank
+        engine.run([mine[:7], mine[7:]], max_epochs=1)
+        answers.put((rank, engine.state.metrics["mean_auc"]))
+    except Exception as e:
+        answers.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_auc_over_two_processes_is_the_auc_of_all_predictions(tmp_path):
+    """The cxr14 card's claim: validation gives each image to one of 2 processes (21 and 20 here) and the AUC is
+    computed on the gathered probabilities, the AUC of all 41 in one process. The mean of the ranks' own AUCs
+    differs from it on these scores (AUC ranks pairs across the shards), so a per-rank metric fails."""
+    import multiprocessing
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((41, 3)) < 0.4).astype(np.float32)
+    probs = np.clip(labels * 0.3 + rng.random((41, 3)) * 0.7, 0, 1).astype(np.float32)
+    expected = np.mean([reference_auc(probs[:, k], labels[:, k]) for k in range(3)])
+    per_rank = np.mean([reference_auc(probs[r::2, k], labels[r::2, k]) for r in (0, 1) for k in range(3)])
+    assert abs(per_rank - expected) > 1e-3  # the scores tell the two apart
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    args = (str(tmp_path / "store"), torch.from_numpy(probs), torch.from_numpy(labels), answers)
+    procs = [context.Process(target=_auc_on_rank, args=(rank, *args)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    got = dict(answers.get(timeout=5) for _ in procs)
+    assert got[0] == pytest.approx(expected, abs=1e-9) and got[1] == pytest.approx(expected, abs=1e-9), got
