@@ -39,9 +39,14 @@ import numpy as np
 import pydicom
 from pydicom import uid as _uid
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.pixels import apply_modality_lut
-from pydicom.pixels import pixel_array as _pydicom_pixels
 from pydicom.tag import BaseTag
+
+try:  # pydicom >= 3
+    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import pixel_array as _pydicom_pixels
+except ImportError:  # pydicom 2, as MONAI Label 0.8.5 pins it: every exported bundle imports this module there (the
+    # server converts DICOM series itself); reading series here needs pydicom 3 (read_instance says so)
+    apply_modality_lut = _pydicom_pixels = None
 
 __all__ = ["Instance", "Series", "DicomError", "NotDicomError", "PHI_KEYWORDS", "VOLUME_SOP_CLASSES", "phi_values", "has_dicom_marker",
            "read_instance", "scan_files", "group_series", "series_folder", "volume_problem", "load_volume"]  # fmt: skip
@@ -223,6 +228,8 @@ def read_instance(path: str | os.PathLike) -> Instance:
         DicomError: a truncated or corrupt DICOM file, a DICOMDIR, a file that cannot be opened.
     """
     path = os.fspath(path)
+    if _pydicom_pixels is None:
+        raise RuntimeError(f"reading DICOM series needs pydicom >= 3 (this environment has {pydicom.__version__})")
     try:
         with open(path, "rb") as fp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's warnings quote attribute values
