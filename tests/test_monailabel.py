@@ -22,123 +22,51 @@ sends it).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from bundle_runner import REPO
+from monailabel_helpers import (
+    SERVED,
+    download_app,
+    export,
+    http,
+    monailabel_missing,
+    monailabel_server,
+    own_scores,
+    own_segmentation,
+    tiny_run,
+    upload,
+)
 from test_bundle_conformance import CASES, skip_reason
 
 pytestmark = pytest.mark.monailabel
 
-VENV = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
 SEG_BUNDLES = ("btcv_seg", "brats_seg")
-# served name of each bundle: MONAI Label treats a bundle as a classifier only if its name says so
-SERVED = {"btcv_seg": "btcv_seg", "brats_seg": "brats_seg", "cxr14_cls": "cxr14_classification"}
-STARTUP_TIMEOUT_S = 600
-
-
-def _venv_python() -> Path:
-    return VENV / "bin" / "python"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 600) -> bytes:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.read()
-
-
-def _upload(base: str, image_id: str, path: Path) -> None:
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + path.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    _http(
-        "PUT",
-        f"{base}/datastore/image?image={image_id}",
-        body,
-        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
-
-
-def _tiny_run(bundle: str, dataset_dir: Path, run: Path) -> None:
-    """The README demo's training stages (pretrain -> finetune from the MAE encoder) with the demo preset and
-    the tiny settings, one epoch each, into the run folder ``run`` (its models/, as demo_runs/<bundle>/)."""
-    from bundle_runner import configs, run_bundle
-
-    tiny = {k: json.dumps(v) for k, v in CASES[bundle].tiny.items()}
-    common = dict(dataset_dir=dataset_dir, bundle_root=run, max_epochs=1, amp=False, **tiny)
-    run_bundle("pretrain", configs(bundle, "pretrain", "demo"), **common)
-    run_bundle("finetune", configs(bundle, "finetune", "demo"), validation_mode="none", **common)
-    model = run / "models" / "model.pt"
-    state = torch.load(model, weights_only=True)
-    if "head.weight" in state["model"]:  # the classifier's head is still near zero after one epoch (all scores
-        # ~0.5): spread the scores, so that a mix-up of classes would show
-        torch.manual_seed(0)
-        state["model"]["head.weight"] = torch.randn_like(state["model"]["head.weight"])
-        torch.save(state, model)
-
-
-def _export(run: Path, model_dir: Path, name: str) -> Path:
-    """docs/MONAI_LABEL.md, section 2: ``python tools/export_bundle.py --run ... --out ... --no-zip [--name]``."""
-    proc = subprocess.run([sys.executable, str(REPO / "tools/export_bundle.py"), "--run", str(run), "--out", str(model_dir),
-                           "--no-zip", "--name", name], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return model_dir / name
-
-
 # MONAI Label's default datastore file types leave out DICOM files: the doc adds them with this variable
 FILE_EXT = json.dumps(["*.nii.gz", "*.nii", "*.nrrd", "*.jpg", "*.png", "*.dcm"])
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if not (VENV / "bin" / "monailabel").is_file():  # (run as `python -m monailabel.main`: the `monailabel`
-        # script puts the folder above the venv, here this repository, on PYTHONPATH)
-        pytest.skip(f"MONAI Label is not installed in {VENV} (docs/MONAI_LABEL.md)")
+    if monailabel_missing():  # (run as `python -m monailabel.main`: the `monailabel` script puts the folder
+        # above the venv, here this repository, on PYTHONPATH)
+        pytest.skip(monailabel_missing())
     bundles = [b for b in SERVED if skip_reason(b) is None]
     root = tmp_path_factory.mktemp("monailabel")
-    apps = root / "apps"
-    monailabel = [str(_venv_python()), "-m", "monailabel.main"]
-    subprocess.run(
-        [*monailabel, "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-        cwd=root,
-    )  # fmt: skip  (copied from the installed wheel)
-    app = apps / "monaibundle"
-    sys.path.insert(0, str(REPO / "tools"))
+    app = download_app(root)
 
     inputs, runs = {}, {}
     for b in bundles:
         dataset_dir, folder = CASES[b].make_data(root / f"{b}_data")
         inputs[b] = sorted(folder.glob("*.nii*") if CASES[b].segmentation else folder.glob("*.png"))[0]
         runs[b] = root / "runs" / b
-        _tiny_run(b, dataset_dir, runs[b])
-        _export(runs[b], app / "model", SERVED[b])
+        tiny_run(b, dataset_dir, runs[b])
+        export(runs[b], app / "model", SERVED[b])
     studies = root / "studies"
     studies.mkdir()
     if "cxr14_cls" in bundles:  # a DICOM chest film put straight into the studies folder
@@ -147,60 +75,9 @@ def server(tmp_path_factory):
 
         pixels = np.asarray(Image.open(inputs["cxr14_cls"]).convert("L"), dtype=np.uint16) * 257  # 8 -> 16 bit
         write_dicom(studies / "film_dicom.dcm", pixels, "MONOCHROME2", bits_stored=16)
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    cmd = [
-        *monailabel,
-        "start_server",
-        "--app",
-        str(app),
-        "--studies",
-        str(studies),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--conf",
-        "models",
-        ",".join(SERVED[b] for b in bundles),
-        "--conf",
-        "zoo_source",
-        "ngc",  # any source but the default monaihosting: local bundles, no zoo query
-        "--conf",
-        "sam2",
-        "false",  # else the app adds SAM2, whose weights are downloaded
-        "--conf",
-        "skip_trainers",
-        "false",
-    ]  # fmt: skip  (the segmentation bundles train: configs/train.yaml)
-    env = dict(os.environ, PATH=f"{VENV / 'bin'}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               MONAI_LABEL_DATASTORE_FILE_EXT=FILE_EXT)  # fmt: skip
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"MONAI Label exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-6000:]}")
-            try:
-                info = json.loads(_http("GET", f"{base}/info/", timeout=10))
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.time() > deadline:
-                    pytest.fail(
-                        f"MONAI Label did not answer in {STARTUP_TIMEOUT_S} s:\n{(root / 'server.log').read_text()[-6000:]}"
-                    )
-                time.sleep(2)
+    with monailabel_server(app, str(studies), [SERVED[b] for b in bundles], root / "server.log",
+                           dict(MONAI_LABEL_DATASTORE_FILE_EXT=FILE_EXT)) as (base, info):  # fmt: skip
         yield base, info, inputs, app, root, runs
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started, by the server's own id
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.parametrize("bundle", SEG_BUNDLES)
@@ -216,9 +93,9 @@ def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
 
     image = inputs[bundle]
     image_id = image.name.split(".")[0]
-    _upload(base, image_id, image)
+    upload(base, image_id, image)
     try:
-        answer = _http("POST", f"{base}/infer/{bundle}?image={image_id}&output=image", b"",
+        answer = http("POST", f"{base}/infer/{bundle}?image={image_id}&output=image", b"",
                        {"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
     except urllib.error.HTTPError as e:
         pytest.fail(f"/infer/{bundle}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
@@ -231,18 +108,9 @@ def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
     assert values <= labels, f"label values {sorted(values)} outside the metadata's {sorted(labels)}"
 
 
-def _own_scores(runs: dict, image: Path, out: Path) -> list[float]:
-    """The bundle's own inference config on ``image`` in the run folder (its weights, the run's settings)."""
-    from bundle_runner import configs, run_bundle
-
-    run_bundle("inference", configs("cxr14_cls", "inference", "demo"), input_files=[str(image)], bundle_root=runs["cxr14_cls"],
-               output_file=out, **{k: json.dumps(v) for k, v in CASES["cxr14_cls"].tiny.items()})  # fmt: skip
-    return [float(v) for v in out.read_text().splitlines()[1].split(",")[1:]]
-
-
 def _classify(base: str, root: Path, name: str, image_id: str) -> list[dict]:
     try:
-        answer = json.loads(_http("POST", f"{base}/infer/{name}?image={image_id}&output=json", b"",
+        answer = json.loads(http("POST", f"{base}/infer/{name}?image={image_id}&output=json", b"",
                                   {"Content-Type": "application/x-www-form-urlencoded"}))  # fmt: skip
     except urllib.error.HTTPError as e:
         pytest.fail(f"/infer/{name}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
@@ -264,12 +132,12 @@ def test_monailabel_classifies_an_uploaded_chest_xray(server, tmp_path):
     classes = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
 
     image = inputs["cxr14_cls"]
-    _upload(base, image.stem, image)
+    upload(base, image.stem, image)
     prediction = _classify(base, root, name, image.stem)
     assert [p["label"] for p in prediction] == [classes[str(i)].lower() for i in range(len(classes))]
 
     # the same file through the bundle's own inference config (this repository, the run's weights and settings)
-    own = _own_scores(runs, image, tmp_path / "predictions.csv")
+    own = own_scores(runs["cxr14_cls"], image, tmp_path / "predictions.csv")
     scores = [p["score"] for p in prediction]
     assert max(scores) - min(scores) > 0.1, scores  # distinct scores: a mix-up of classes would show
     np.testing.assert_allclose(scores, own, atol=1e-5)
@@ -281,10 +149,10 @@ def test_monailabel_lists_and_classifies_a_dicom_film_in_the_studies_folder(serv
     base, info, inputs, app, root, runs = server
     if "cxr14_cls" not in inputs:
         pytest.skip(skip_reason("cxr14_cls") or "cxr14_cls not served")
-    listed = json.loads(_http("GET", f"{base}/datastore/?output=all"))
+    listed = json.loads(http("GET", f"{base}/datastore/?output=all"))
     assert "film_dicom" in listed.get("objects", listed), f"film_dicom.dcm not listed: {str(listed)[:2000]}"
     prediction = _classify(base, root, SERVED["cxr14_cls"], "film_dicom")
-    own = _own_scores(runs, root / "studies" / "film_dicom.dcm", tmp_path / "predictions.csv")
+    own = own_scores(runs["cxr14_cls"], root / "studies" / "film_dicom.dcm", tmp_path / "predictions.csv")
     np.testing.assert_allclose([p["score"] for p in prediction], own, atol=1e-5)
 
 
@@ -298,9 +166,9 @@ def test_monailabel_classifies_a_2d_nifti_film(server, tmp_path):
     png = inputs["cxr14_cls"]
     nifti = tmp_path / "film_nifti.nii.gz"
     itk.imwrite(itk.imread(str(png)), str(nifti))
-    _upload(base, "film_nifti", nifti)
+    upload(base, "film_nifti", nifti)
     prediction = _classify(base, root, SERVED["cxr14_cls"], "film_nifti")
-    own = _own_scores(runs, png, tmp_path / "predictions.csv")
+    own = own_scores(runs["cxr14_cls"], png, tmp_path / "predictions.csv")
     np.testing.assert_allclose([p["score"] for p in prediction], own, atol=1e-5)
 
 
@@ -312,27 +180,13 @@ def _sha(path: Path) -> str:
 
 def _segment(base: str, root: Path, bundle: str, image_id: str, out: Path) -> np.ndarray:
     try:
-        answer = _http("POST", f"{base}/infer/{bundle}?image={image_id}&output=image", b"",
+        answer = http("POST", f"{base}/infer/{bundle}?image={image_id}&output=image", b"",
                        {"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
     except urllib.error.HTTPError as e:
         pytest.fail(f"/infer/{bundle}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
     out = out.with_name(out.name + (".nii.gz" if answer[:2] == b"\x1f\x8b" else ".nii"))
     out.write_bytes(answer)
     return np.asarray(nib.load(out).dataobj)
-
-
-def _own_segmentation(bundle_dir: Path, image: Path, checkpoint: Path, out_dir: Path) -> np.ndarray:
-    """The exported bundle's own inference config, run by MONAI's bundle runner in MONAI Label's venv (the
-    same torch as the server) on ``checkpoint``."""
-    out_dir.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(_venv_python()), "-m", "monai.bundle", "run", "inference", "--config_file",
-                           str(bundle_dir / "configs" / "inference.yaml"), "--input_files", repr([str(image)]),
-                           "--output_dir", str(out_dir), "--checkpoint", str(checkpoint), "--num_workers", "0"],
-                          capture_output=True, text=True, timeout=600, cwd=out_dir, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return np.asarray(nib.load(next(out_dir.glob("*_seg.nii*"))).dataobj)
 
 
 def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server, tmp_path):
@@ -353,7 +207,7 @@ def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server,
 
     dataset_dir = next((root / f"{bundle}_data").glob("*/datalist.json")).parent
     for i, case in enumerate(json.loads((dataset_dir / "datalist.json").read_text())["training"][:2]):
-        _upload(base, f"labelled_{i}", dataset_dir / case["image"])
+        upload(base, f"labelled_{i}", dataset_dir / case["image"])
         label = dataset_dir / case["label"]
         boundary = uuid.uuid4().hex
         body = (
@@ -364,13 +218,13 @@ def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server,
             + label.read_bytes()
             + f"\r\n--{boundary}--\r\n".encode()
         )
-        _http("PUT", f"{base}/datastore/label?image=labelled_{i}&tag=final", body,
+        http("PUT", f"{base}/datastore/label?image=labelled_{i}&tag=final", body,
               {"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
-    listed = json.loads(_http("GET", f"{base}/datastore/?output=all"))
+    listed = json.loads(http("GET", f"{base}/datastore/?output=all"))
     assert sum(1 for v in listed["objects"].values() if "final" in v.get("labels", {})) == 2, str(listed)[:2000]
 
     image = inputs[bundle]
-    _upload(base, "unseen", image)
+    upload(base, "unseen", image)
     before = _segment(base, root, bundle, "unseen", tmp_path / "before")
 
     start = time.time()
@@ -385,7 +239,7 @@ def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server,
         "multi_gpu": False,
     }
     try:
-        _http(
+        http(
             "POST",
             f"{base}/train/{bundle}?run_sync=true",
             json.dumps(params).encode(),
@@ -399,6 +253,6 @@ def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server,
     assert model.stat().st_mtime >= start
 
     after = _segment(base, root, bundle, "unseen", tmp_path / "after")
-    np.testing.assert_array_equal(after, _own_segmentation(bundle_dir, image, model, tmp_path / "own_new"))
-    np.testing.assert_array_equal(before, _own_segmentation(bundle_dir, image, old, tmp_path / "own_old"))
+    np.testing.assert_array_equal(after, own_segmentation(bundle_dir, image, model, tmp_path / "own_new"))
+    np.testing.assert_array_equal(before, own_segmentation(bundle_dir, image, old, tmp_path / "own_old"))
     assert not np.array_equal(before, after), "inference did not change after training"
