@@ -5,6 +5,7 @@ demo preset made smaller still (32^3 crops at 8 mm); the tests then read what it
 """
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -44,7 +45,8 @@ def pipeline(tmp_path_factory):
         output_dir=out / "eval_untrained",
         **common,
     )
-    run_bundle("finetune", configs("btcv_seg", "finetune", "demo"), max_epochs=25, val_interval=5, **common)
+    finetune = run_bundle("finetune", configs("btcv_seg", "finetune", "demo"), max_epochs=25, val_interval=5, **common)
+    (out / "finetune_stdout.txt").write_text(finetune.stdout)
     run_bundle("evaluate", configs("btcv_seg", "evaluate", "demo"), **common)
     run_bundle(
         "inference",
@@ -69,7 +71,16 @@ def test_mae_loss_falls_and_reconstruction_is_written(pipeline):
 
 
 def test_finetune_loads_the_pretrained_encoder_and_learns(pipeline):
+    from selfmedmae_components.networks import UNETR
+
     _, out = pipeline
+    # every encoder tensor of the demo's 4-block UNETR came from the pre-training checkpoint
+    unetr = UNETR(1, 14, 32, hidden_size=48, num_layers=4, num_heads=4, skip_hidden_states=(0, 1, 2))
+    encoder_tensors = sum(k.startswith("encoder.") for k in unetr.state_dict())
+    report = (out / "finetune_stdout.txt").read_text()
+    assert f"Weight transfer from {out / 'models/mae_pretrain.pt'}:" in report
+    loaded = re.search(r"loaded\s+(\d+) tensors \(encoder: .* (\d+) blocks", report)
+    assert loaded and (int(loaded[1]), int(loaded[2])) == (encoder_tensors, 4), report[-2000:]
     losses = read_losses(out / "logs/finetune/loss.csv")
     assert losses[-1] < 0.8 * losses[0]
     # the best-validation model.pt and the final weights are both kept
@@ -82,9 +93,11 @@ def test_evaluation_reports_dice_well_above_an_untrained_model(pipeline):
     untrained = json.loads((out / "eval_untrained/summary.json").read_text())
     assert trained["num_cases"] == 12  # the paper's evaluation cases, never used for selection
     dice8 = trained["groups"]["8 organs (paper)"]["dice"]
-    # a few minutes of CPU training: large organs are learnt first, small ones not yet
-    assert dice8 > 0.06 and dice8 > 3 * untrained["groups"]["8 organs (paper)"]["dice"]
-    assert trained["per_class"]["dice"]["liver"] > 0.4
+    # a few minutes of CPU training: large organs are learnt first, small ones not yet. Measured with seed 0 on the
+    # 2-core CI machine (2026-12-05): 8-organ Dice 0.153 (untrained 0.0126, 12x), liver 0.744; each threshold is
+    # about two thirds of that, a margin for other CPUs' float32 sums over 25 epochs
+    assert dice8 > 0.10 and dice8 > 8 * untrained["groups"]["8 organs (paper)"]["dice"]
+    assert trained["per_class"]["dice"]["liver"] > 0.5
     assert np.isfinite(trained["groups"]["13 organs"]["hd95"])
     header = (out / "eval/per_case.csv").read_text().splitlines()[0]
     assert "dice_liver" in header and "hd95_pancreas" in header

@@ -3,7 +3,7 @@ MAE pre-training -> fine-tuning -> evaluation -> inference with the demo preset.
 
 The module fixture runs the CPU demo of docs/README.md once (1200 synthetic images, 15 + 40 epochs:
 the tiny ViT needs ~1000 fine-tuning steps to leave the class-prior plateau; 25 epochs left it only in
-some runs (AUC 0.61-0.73), 40 in all we ran (0.75)). About 2.5 minutes on two quiet cores, one thread per run.
+some runs (AUC 0.61-0.73), 40 in all we ran (0.75 and above)). About 2.5 minutes on two quiet cores, one thread per run.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from selfmedmae_components.weights import transfer_encoder
 BUNDLE = "cxr14_cls"
 # the documented CPU demo (docs/README.md)
 NUM_IMAGES, IMAGE_SIZE, PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 1200, 128, 15, 40
-# chance is 0.5 +- ~0.02 on the 301 evaluation images; the demo gave 0.62-0.69 over data seeds and thread counts
-MIN_MEAN_AUC = 0.6
+# chance is 0.5 +- ~0.02 on the 301 evaluation images. Measured: 0.802 with data seed 0 on the 2-core CI machine
+# (2026-12-05); 0.75 the lowest of the 40-epoch runs noted above. The margin, 0.10 below today's value, is about the
+# spread between runs the 25-epoch runs showed
+MIN_MEAN_AUC = 0.7
 
 
 @pytest.fixture(scope="module")
