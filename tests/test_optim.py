@@ -4,7 +4,9 @@ import pytest
 
 from selfmedmae_components.networks import UNETR, MaskedAutoencoder, ViTClassifier
 from selfmedmae_components.optim import (
+    default_pretrain_steps,
     effective_lr,
+    epochs_for_steps,
     global_batch_size,
     layer_id,
     param_groups_layer_decay,
@@ -114,3 +116,28 @@ def test_configs_scale_the_learning_rate_by_the_real_global_batch(bundle, stage)
         parser.parse()  # drop the values resolved with the previous settings
         expected = effective_lr(base, min(batch, -(-items // ranks)) * samples * ranks)
         assert parser.get_parsed_content("learning_rate") == pytest.approx(expected), (ranks, items)
+
+
+def test_layer_decay_defaults_to_the_papers_and_skips_frozen_parameters():
+    model = ViTClassifier(3, 14, 32, hidden_size=48, num_layers=2, num_heads=4)
+    model.encoder.blocks[0].attn.qkv.weight.requires_grad_(False)  # frozen, early in the parameter order
+    groups = param_groups_layer_decay(model, lr=1.0)
+    names = {n for g in groups for n in g["param_names"]}
+    assert names == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert scales_by_name(groups)["encoder.patch_embed.weight"][0] == pytest.approx(0.75**3)
+    # torch.compile and DDP prefixes, in any nesting, name the same layer
+    assert layer_id("_orig_mod.module.encoder.blocks.3.norm1.weight", 12) == 4
+
+
+@pytest.mark.parametrize(
+    "images, batch, steps",
+    [(18, 6, 30_000), (387, 6, 30_000), (1_800, 6, 30_000), (2_400, 6, 40_000), (2_401, 6, 40_100), (600, 2, 30_000)],
+)
+def test_pretraining_steps_are_the_papers_budget_or_100_passes(images, batch, steps):
+    """REFERENCE.md: BTCV 10,000 epochs x 3 steps; past ~1,800 volumes at 6 a step, 100 passes over every image."""
+    assert default_pretrain_steps(images, batch) == steps
+
+
+@pytest.mark.parametrize("steps, per_epoch, epochs", [(30_000, 3, 10_000), (10, 3, 4), (0, 5, 1), (7, 0, 7)])
+def test_epochs_for_steps_rounds_up_and_never_runs_none(steps, per_epoch, epochs):
+    assert epochs_for_steps(steps, per_epoch) == epochs

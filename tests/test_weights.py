@@ -105,3 +105,80 @@ def test_ddp_prefix_is_removed(tmp_path):
     mae = save_mae(tmp_path / "mae.pt", wrap=False)
     torch.save({"model": {f"module.{k}": v for k, v in mae.state_dict().items()}}, tmp_path / "ddp.pt")
     assert set(load_state_dict(tmp_path / "ddp.pt")) == set(mae.state_dict())
+
+
+def test_the_transfer_report_is_printed_as_it_happened(tmp_path, capsys):
+    """What a user reads after fine-tuning starts: the file, and per kind the tensors with their top-level names."""
+    mae = save_mae(tmp_path / "mae.pt")
+    unetr = UNETR(1, 14, 32, skip_hidden_states=(0, 1, 2), **VIT)
+    init_encoder(unetr, "mae", tmp_path / "mae.pt")
+    assert torch.equal(unetr.encoder.blocks[2].attn.qkv.weight, mae.encoder.blocks[2].attn.qkv.weight)
+    encoder = sum(k.startswith("encoder.") for k in mae.state_dict())
+    dropped = ["decoder_blocks", "decoder_embed", "decoder_norm", "decoder_pred", "decoder_pos_embed", "mask_token"]
+    decoder = sorted({k.split(".")[0] for k in unetr.state_dict() if not k.startswith("encoder.")})
+    assert capsys.readouterr().out == (
+        f"Weight transfer from {tmp_path / 'mae.pt'}:\n"
+        f"  loaded      {encoder:4d} tensors (encoder: patch embedding, cls token, position embedding, 3 blocks, norm)\n"
+        f"  dropped     {len(mae.state_dict()) - encoder:4d} tensors of the checkpoint ({', '.join(sorted(dropped))})\n"
+        f"  initialised {len(unetr.state_dict()) - encoder:4d} tensors of the model at random ({', '.join(decoder)})\n"
+    )
+
+
+def test_init_modes_say_what_they_need_or_do(tmp_path, capsys):
+    unetr = UNETR(1, 14, 32, skip_hidden_states=(0, 1, 2), **VIT)
+    for mode, needs in (("mae", "init_mode 'mae' needs a pretrained_checkpoint."),
+                        ("imagenet", "init_mode 'imagenet' needs a pretrained_checkpoint (an ImageNet ViT-B/16 file).")):  # fmt: skip
+        with pytest.raises(CheckpointError) as err:
+            init_encoder(unetr, mode, None)
+        assert str(err.value) == needs
+    init_encoder(unetr, "scratch")
+    no_load = "Training from random initialisation (init_mode='scratch'): no pre-trained weights are loaded.\n"
+    assert capsys.readouterr().out == no_load
+    save_mae(tmp_path / "mae.pt")
+    with pytest.raises(CheckpointError, match=r"The network has no 'encoder\.\*' parameters to load .*mae\.pt into"):
+        transfer_encoder(torch.nn.Linear(1, 1), tmp_path / "mae.pt")
+
+
+@pytest.mark.parametrize("key", ["model", "network", "state_dict"])
+def test_the_state_dict_is_found_under_each_usual_key(tmp_path, key):
+    torch.save({key: {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "c.pt")
+    assert load_state_dict(tmp_path / "c.pt").keys() == {"w"}
+
+
+def test_a_checkpoint_without_a_state_dict_is_named(tmp_path):
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "trainer.pt")  # a dict, but not of tensors
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(tmp_path / "trainer.pt")
+    assert str(err.value) == (
+        f"{tmp_path / 'trainer.pt'} holds no model state dict (expected a dict of tensors, or one under 'model')."
+    )
+
+
+def test_refusals_carry_the_first_line_of_torchs_reason(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(tmp_path / "evil.pt")
+    try:
+        torch.load(tmp_path / "evil.pt", weights_only=True)
+    except Exception as e:  # torch's own reason, whose first line ours repeats
+        first_line = str(e).splitlines()[0]
+    assert str(err.value).endswith(f"Details: {first_line}") and first_line
+    save_mae(tmp_path / "mae.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "mae.pt").read_bytes()[:2000])
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(tmp_path / "cut.pt")
+    cause = err.value.__cause__
+    assert f"(truncated or damaged PyTorch file): {type(cause).__name__}: {cause}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content, found",
+    [(b"  \n  first line of some notes, long enough to be cut at forty\nsecond\n",
+      "text starting 'first line of some notes, long enough to'"),
+     (b"\xff\xfe\x00\x01binary\x80", "binary data starting b'\\xff\\xfe\\x00\\x01bina'")],
+)  # fmt: skip
+def test_what_a_non_checkpoint_looks_like_is_described_exactly(tmp_path, content, found):
+    (tmp_path / "f").write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(tmp_path / "f")
+    assert str(err.value).endswith(f"found {found}.")

@@ -1,0 +1,59 @@
+"""HD95 in millimetres from each case's own spacing, and the evaluation report's averages (REFERENCE.md, section 4):
+Dice per class per case, classes absent from the ground truth (NaN) left out, then the mean over the class-case
+pairs of a group; HD95 cases where a class is missed (infinite) counted and left out of the mean."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+
+from selfmedmae_components.metrics import HausdorffDistanceMMMetric, SegmentationReport
+
+
+def one_voxel(position, spacing) -> MetaTensor:
+    """(background, foreground) one-hot of an 8^3 grid whose foreground is the voxel at ``position``."""
+    fg = torch.zeros(1, 8, 8, 8)
+    fg[(0, *position)] = 1
+    return MetaTensor(torch.cat([1 - fg, fg]), affine=torch.diag(torch.tensor([*spacing, 1.0])))
+
+
+def test_hd95_is_in_millimetres_of_each_cases_spacing():
+    """One foreground voxel in the prediction and one in the label, (2, 1, 0) voxels apart: the distance is the
+    Euclidean one in mm, with the spacing of each case (two cases on different grids in one batch)."""
+    metric = HausdorffDistanceMMMetric(include_background=False, percentile=95, reduction="mean")
+    cases = [((3.0, 1.0, 1.0), (2, 2, 2), (4, 3, 2)), ((0.5, 2.0, 4.0), (1, 1, 1), (3, 2, 1))]
+    preds = [one_voxel(p, s) for s, p, _ in cases]
+    labels = [one_voxel(t, s) for s, _, t in cases]
+    got = metric(preds, labels).squeeze(1).tolist()
+    expected = [float(np.linalg.norm((np.subtract(t, p)) * np.array(s))) for s, p, t in cases]
+    assert got == pytest.approx(expected, rel=1e-6)  # [sqrt(36 + 1), sqrt(1 + 16)]
+
+
+def test_report_means_skip_absent_classes_and_count_misses(tmp_path):
+    nan, inf = math.nan, math.inf
+    dice = [[0.5, nan, 0.9], [1.0, 0.2, 0.0]]  # case 0 has no class b
+    hd95 = [[inf, nan, 3.0], [4.0, 2.0, inf]]  # case 0 misses class a, case 1 class c
+    report = SegmentationReport(str(tmp_path), ["a", "b", "c"], groups={"all": ["a", "b", "c"], "a, b": ["a", "b"]})
+    details = {"dice": torch.tensor(dice), "hd95": torch.tensor(hd95)}
+    engine = Engine(lambda e, batch: None)  # an evaluator whose metric handlers leave these details
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "metric_details", details))
+    report.attach(engine)
+    image = lambda i: MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/data/img{i}.nii.gz"})
+    engine.run([[{"image": image(1)}], [{"image": image(2)}]], max_epochs=1)  # one case per batch, as decollated
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_cases"] == 2
+    assert summary["per_class"]["dice"] == pytest.approx({"a": 0.75, "b": 0.2, "c": 0.45})
+    assert summary["per_class"]["hd95"] == pytest.approx({"a": 4.0, "b": 2.0, "c": 3.0})
+    assert summary["groups"]["all"] == pytest.approx({"dice": 2.6 / 5, "hd95": 9.0 / 3, "hd95_missed": 2})
+    assert summary["groups"]["a, b"] == pytest.approx({"dice": 1.7 / 3, "hd95": 6.0 / 2, "hd95_missed": 1})
+    with open(tmp_path / "per_case.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["case", "dice_a", "dice_b", "dice_c", "hd95_a", "hd95_b", "hd95_c"]
+    assert rows[1] == ["img1.nii.gz", "0.5000", "nan", "0.9000", "inf", "nan", "3.0000"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| **mean, all** | 52.00 | 3.00 |" in md and "| b | 20.00 | 2.00 |" in md
