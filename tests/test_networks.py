@@ -206,3 +206,54 @@ def test_encoder_naming_contract_covers_every_tensor():
     assert enc.no_weight_decay() <= set(names) and enc.no_weight_decay(tokens=False) == {"pos_embed"}
     mae = tiny_mae()
     assert mae.no_weight_decay() <= set(mae.state_dict()) and "mask_token" in mae.no_weight_decay()
+
+
+def defaults(cls) -> dict:
+    import inspect
+
+    return {
+        k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty
+    }
+
+
+def test_defaults_are_the_papers_vit_b16_classifier_and_unetr():
+    """REFERENCE.md: ViT-B/16 (768 wide, 12 blocks, 12 heads, MLP 4x), drop path 0.1; the classifier at 224 with
+    3 channels and 14 classes; UNETR with feature size 16, instance norm, residual blocks, skips (3, 6, 9)."""
+    vit_b = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_ratio": 4.0, "drop_path_rate": 0.1}
+    assert defaults(ViTClassifier) == {**vit_b, "in_channels": 3, "num_classes": 14, "img_size": 224, "patch_size": 16,
+                                       "spatial_dims": 2, "activation_checkpointing": False}  # fmt: skip
+    assert defaults(UNETR) == {**vit_b, "feature_size": 16, "norm_name": "instance", "res_block": True,
+                               "skip_hidden_states": (3, 6, 9), "spatial_dims": 3, "activation_checkpointing": False}  # fmt: skip
+
+
+def test_classifier_is_a_linear_head_on_the_normed_cls_token():
+    torch.manual_seed(0)
+    clf = ViTClassifier(3, 5, 32, hidden_size=48, num_layers=3, num_heads=4, mlp_ratio=2.0, drop_path_rate=0.2).eval()
+    enc = clf.encoder
+    assert enc.pos_embed.requires_grad and enc.blocks[0].mlp.linear1.out_features == 96
+    assert [getattr(b.drop_path, "drop_prob", 0.0) for b in enc.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    assert 0 < clf.head.weight.std() < 1e-4 and torch.all(clf.head.bias == 0)  # MAE's near-zero head
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(clf(x), clf.head(enc(x)[0][:, 0]))
+    assert not any(b.activation_checkpointing for b in enc.blocks)
+    for net in (ViTClassifier(3, 5, 32, hidden_size=48, num_layers=2, num_heads=4, activation_checkpointing=True),
+                UNETR(1, 2, 32, hidden_size=48, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2),
+                      activation_checkpointing=True)):  # fmt: skip
+        assert all(b.activation_checkpointing for b in net.encoder.blocks)
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+def test_unetr_decoder_is_monais(spatial_dims):
+    """Every tensor of the convolutional decoder has MONAI's UNETR name and shape (topology, widths, kernels, norms,
+    residual blocks); only the encoder differs (ours has the cls token and drop path)."""
+    from monai.networks.nets import UNETR as MonaiUNETR
+
+    size = (32,) * spatial_dims
+    ours = UNETR(2, 3, size, feature_size=8, hidden_size=48, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2),
+                 spatial_dims=spatial_dims)  # fmt: skip
+    theirs = MonaiUNETR(2, 3, size, feature_size=8, hidden_size=48, mlp_dim=192, num_heads=4, norm_name="instance",
+                        res_block=True, spatial_dims=spatial_dims)  # fmt: skip
+    shapes = lambda net: {k: v.shape for k, v in net.state_dict().items() if not k.startswith(("encoder.", "vit."))}  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
+    assert ours(torch.randn(1, 2, *size)).shape == (1, 3, *size)
