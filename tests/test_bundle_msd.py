@@ -254,6 +254,11 @@ def test_exported_run_needs_no_datalist(runs, tmp_path):
                            "--no-zip"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     exported, out = tmp_path / BUNDLE, tmp_path / "predictions"
+    # the task's class names (MONAI Label shows them and writes them into DICOM SEG), not the bundle's generic ones
+    pred = json.loads((exported / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
+    labels = json.loads((dataset / "datalist.json").read_text())["properties"]["labels"]
+    assert pred["channel_def"] == labels and pred["num_channels"] == len(labels)
+    assert "spleen" in labels.values()
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml",
            "--input_dir", str(dataset / "imagesTs"), "--output_dir", str(out), "--dataset_dir", str(tmp_path / "none"),
            "--datalist_file", str(tmp_path / "none" / "datalist.json")]  # fmt: skip

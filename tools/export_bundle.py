@@ -225,6 +225,24 @@ def describe(meta: dict, defaults: dict, settings: dict, source: str) -> dict:
     return meta
 
 
+def name_classes(meta: dict, record: dict) -> dict:
+    """Metadata whose output ``channel_def`` names the run's classes, where its datalist holds them (msd_seg, scans:
+    ``properties.labels`` from dataset.json or the Slicer segments). MONAI Label shows these names, and writes them
+    into the DICOM SEG it stores; the bundle's own metadata can only say "label 1 of dataset.json"."""
+    datalist = Path(str(record["settings"].get("datalist_file", "")))
+    try:
+        labels = json.loads(datalist.read_text()).get("properties", {}).get("labels")
+    except (OSError, ValueError):
+        labels = None  # moved or deleted since training: the bundle's generic names stay
+    pred = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {})
+    if not labels or pred.get("type") != "image" or len(labels) != record["settings"].get("out_channels"):
+        return meta
+    meta = json.loads(json.dumps(meta))
+    meta["network_data_format"]["outputs"]["pred"]["channel_def"] = {str(k): v for k, v in labels.items()}
+    meta["network_data_format"]["outputs"]["pred"]["num_channels"] = len(labels)
+    return meta
+
+
 def check_strict(bundle: Path, weights: Path, shown: Path | None = None) -> None:
     """Build the exported inference ``network_def`` and load ``weights`` into it strictly (``shown``: the
     name of the weights in the error)."""
@@ -364,16 +382,17 @@ def export_bundle(
         for shared in sorted(SHARED_CONFIGS.glob("*.yaml")):  # a shared bundle carries them in its own configs/
             shutil.copy2(shared, stage / "configs" / shared.name)
         _copy_package(stage)
-        meta = json.loads((src / "configs" / "metadata.json").read_text())
-        (stage / "configs" / "metadata.json").write_text(json.dumps(exported_metadata(meta), indent=4) + "\n")
+        meta = exported_metadata(json.loads((src / "configs" / "metadata.json").read_text()))
         inference = yaml.safe_load((src / "configs" / "inference.yaml").read_text())
         chosen = run_settings(inference, record) if record is not None else {}
         chosen.update(settings or {})
         if chosen:
             source = f"the training run {run}" if run is not None else "settings given at export"
             apply_settings(stage / "configs", chosen, f"set by tools/export_bundle.py: {source}")
-            meta = describe(exported_metadata(meta), {k: inference.get(k) for k in chosen}, chosen, source)
-            (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
+            meta = describe(meta, {k: inference.get(k) for k in chosen}, chosen, source)
+        if record is not None:
+            meta = name_classes(meta, record)
+        (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
         outputs = meta.get("network_data_format", {}).get("outputs", {})
         if (stage / "configs" / "finetune.yaml").is_file() and any(o.get("type") == "image" for o in outputs.values()):
             write_monailabel_train(stage / "configs")  # segmentation: MONAI Label trains on its saved label maps
