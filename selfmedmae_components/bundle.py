@@ -17,6 +17,7 @@ from . import (  # noqa: F401
     inference,
     metrics,
     optim,
+    probe,
     run_record,
     tracking,
     weights,
