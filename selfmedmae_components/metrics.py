@@ -30,22 +30,23 @@ HAS_CUCIM = optional_import("cucim")[1]  # MONAI's distance transform runs on th
 class HausdorffDistanceMMMetric(HausdorffDistanceMetric):
     """HausdorffDistanceMetric that takes each case's voxel spacing from ``y.pixdim`` (a MetaTensor).
 
+    Read per call of ``_compute_tensor``, where both of MONAI's input forms arrive: a list of cases (one call
+    each) and a batch, which is how Ignite 0.5 hands the evaluators' per-case lists over (it unrolls them into
+    one-case batches, so a spacing read only for lists was never used: the handler gave voxels).
     Computed on the CPU unless cuCIM is installed: without it, MONAI's distance transform of a GPU tensor
     is scipy's on a host copy, with more copies back and forth per class; one copy of each case up front
     is cheaper.
     """
 
-    def _compute_list(self, y_pred: Any, y: Any = None, **kwargs: Any) -> Any:
-        ret = []
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("spacing") is None and isinstance(y, MetaTensor):
+            pixdim = y.pixdim  # one case: its spacing; a collated batch: a list of them
+            kwargs["spacing"] = [p.tolist() for p in pixdim] if isinstance(pixdim, list) else pixdim.tolist()
+        if not HAS_CUCIM:
+            y_pred, y = y_pred.cpu(), y.cpu()
         with warnings.catch_warnings():  # empty classes give NaN / inf on purpose; SegmentationReport handles them
             warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
-            for p, t in zip(y_pred, y):
-                spacing = t.pixdim.tolist() if isinstance(t, MetaTensor) else None
-                p, t = p.detach().unsqueeze(0), t.detach().unsqueeze(0)
-                if not HAS_CUCIM:
-                    p, t = p.cpu(), t.cpu()
-                ret.append(self._compute_tensor(p, t, spacing=spacing))
-        return torch.cat(ret, dim=0)
+            return super()._compute_tensor(y_pred.detach(), y.detach(), **kwargs)
 
 
 class HausdorffDistance95mm(IgniteMetricHandler):

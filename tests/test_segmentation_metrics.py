@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
-from selfmedmae_components.metrics import HausdorffDistanceMMMetric, SegmentationReport
+from selfmedmae_components.metrics import HausdorffDistance95mm, HausdorffDistanceMMMetric, SegmentationReport
 
 
 def one_voxel(position, spacing) -> MetaTensor:
@@ -57,3 +57,49 @@ def test_report_means_skip_absent_classes_and_count_misses(tmp_path):
     assert rows[1] == ["img1.nii.gz", "0.5000", "nan", "0.9000", "inf", "nan", "3.0000"]
     md = (tmp_path / "summary.md").read_text()
     assert "| **mean, all** | 52.00 | 3.00 |" in md and "| b | 20.00 | 2.00 |" in md
+
+
+def reference_hd95(pred: np.ndarray, label: np.ndarray, spacing, q: float = 95) -> float:
+    """Surface voxels (the mask minus its erosion), each one's nearest surface voxel of the other mask in mm, the
+    q-th percentile of each direction, the larger of the two."""
+    from scipy.ndimage import binary_erosion
+
+    edges = [np.argwhere(m & ~binary_erosion(m)) * np.asarray(spacing) for m in (pred, label)]
+    d = np.linalg.norm(edges[0][:, None] - edges[1][None], axis=-1)
+    return max(np.percentile(d.min(1), q), np.percentile(d.min(0), q))
+
+
+def test_hd95_handler_is_the_95th_percentile_of_foreground_surface_distances_in_mm():
+    """The evaluators' handler on one case: foreground only, the 95th percentile (the 96th differs here), the mean
+    over the batch, the per-case value kept for the report; plain tensors (no spacing) count in voxels."""
+    pred, label = np.zeros((10, 10, 10), bool), np.zeros((10, 10, 10), bool)
+    pred[2:7, 2:6, 3:7], label[3:9, 2:8, 3:5] = True, True
+    spacing = (2.0, 1.0, 0.5)
+    expected = reference_hd95(pred, label, spacing)
+    assert abs(reference_hd95(pred, label, spacing, 96) - expected) > 0.01
+    onehot = lambda m: torch.from_numpy(np.stack([~m, m])).float()  # noqa: E731
+    case = {"pred": onehot(pred), "label": MetaTensor(onehot(label), affine=torch.diag(torch.tensor([*spacing, 1.0])))}
+    engine = Engine(lambda e, batch: batch)
+    HausdorffDistance95mm(output_transform=lambda out: ([o["pred"] for o in out], [o["label"] for o in out])).attach(
+        engine, "hd95"
+    )
+    engine.run([[case]], max_epochs=1)
+    assert engine.state.metrics["hd95"] == pytest.approx(expected, rel=1e-5)
+    assert engine.state.metric_details["hd95"].shape == (1, 1)
+    metric = HausdorffDistanceMMMetric(include_background=False, percentile=95)
+    voxels = metric([onehot(pred)], [onehot(label)]).item()
+    assert voxels == pytest.approx(reference_hd95(pred, label, (1, 1, 1)), rel=1e-5)
+
+
+def test_report_defaults_and_output(tmp_path, capsys):
+    """One group of all classes by default; a class absent from every case is NaN; the output folder is made with
+    its parents; the table is printed."""
+    report = SegmentationReport(str(tmp_path / "eval" / "run1"), ["a", "b"])
+    engine = Engine(lambda e, batch: None)
+    details = {"dice": torch.tensor([[0.5, math.nan]])}
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "metric_details", details))
+    report.attach(engine)
+    engine.run([[{"image": torch.zeros(1)}]], max_epochs=1)
+    summary = json.loads((tmp_path / "eval" / "run1" / "summary.json").read_text())
+    assert list(summary["groups"]) == ["all"] and math.isnan(summary["per_class"]["dice"]["b"])
+    assert capsys.readouterr().out == (tmp_path / "eval" / "run1" / "summary.md").read_text() + "\n"
