@@ -91,7 +91,8 @@ def reference_sincos(grid, dim: int) -> np.ndarray:
 
 @pytest.mark.parametrize("grid,dim", [((3, 4), 16), ((2, 3, 4), 24), ((6, 6, 6), 768)])
 def test_sincos_tables_are_the_reference(grid, dim):
-    np.testing.assert_allclose(sincos_pos_embed(grid, dim)[0].numpy(), reference_sincos(grid, dim), atol=1e-6)
+    # 1e-7: the float64 table rounded to float32 (6e-8 at most); a float32 computation is off by several 1e-7
+    np.testing.assert_allclose(sincos_pos_embed(grid, dim)[0].numpy(), reference_sincos(grid, dim), atol=1e-7, rtol=0)
     mae = MaskedAutoencoder(1, [16 * g for g in grid], 16, len(grid), **dict(TINY, decoder_hidden_size=dim))
     np.testing.assert_allclose(mae.decoder_pos_embed[0].numpy(), reference_sincos(grid, dim), atol=1e-6)
     np.testing.assert_allclose(mae.encoder.pos_embed[0].numpy(), reference_sincos(grid, 48), atol=1e-6)
@@ -136,3 +137,50 @@ def test_finetuning_lr_of_every_parameter_at_every_step(bundle, one_thread):
                 assert group["lr"] == pytest.approx(expected, abs=1e-12), (step, names[id(param)])
         optimizer.step()
         scheduler.step()
+
+
+def test_decoder_puts_each_token_back_in_place_with_its_position():
+    """forward_decoder against a reference that places the tokens one by one: visible token l is the embedded latent
+    of its place in the kept order, a masked one the mask token; each gets the sine-cosine row of its position."""
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(1, 32, 16, 3, **dict(TINY, decoder_num_layers=2)).eval()
+    ids_keep, mask, ids_restore = mae.masking_ids(2, 8, 0.5, torch.device("cpu"))
+    latent = torch.randn(2, 1 + 4, 48)
+    embedded = mae.decoder_embed(latent)
+    rows = []
+    for n in range(2):
+        kept = ids_keep[n].tolist()
+        tokens = [embedded[n, 1 + kept.index(t)] if t in kept else mae.mask_token[0, 0] for t in range(8)]
+        rows.append(torch.stack([embedded[n, 0], *tokens]) + mae.decoder_pos_embed[0])
+    x = torch.stack(rows)
+    for block in mae.decoder_blocks:
+        x = block(x)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mae.forward_decoder(latent, ids_restore), mae.decoder_pred(mae.decoder_norm(x))[:, 1:]
+        )
+    assert torch.equal(mask, (torch.arange(8)[None] != ids_keep[:, :, None]).all(1).float())
+
+
+def test_mae_defaults_tokens_and_bounds_are_the_papers():
+    """REFERENCE.md: ViT-B encoder, decoder 384 wide with 8 blocks of 12 heads (3D), patch 16, normalised pixels;
+    MAE's mask token (1, 1, D) drawn with std 0.02; LayerNorm eps 1e-6; ratios in [0, 1)."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(MaskedAutoencoder).parameters.items()
+                if p.default is not inspect.Parameter.empty}  # fmt: skip
+    assert defaults == {"patch_size": 16, "spatial_dims": 3, "hidden_size": 768, "num_layers": 12, "num_heads": 12,
+                        "mlp_ratio": 4.0, "decoder_hidden_size": 384, "decoder_num_layers": 8, "decoder_num_heads": 12,
+                        "mask_ratio": 0.75, "norm_pix_loss": True, "activation_checkpointing": False}  # fmt: skip
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(1, 32, 16, 3, mlp_ratio=2.0, mask_ratio=0.0, **dict(TINY, decoder_hidden_size=384))
+    assert mae.mask_token.shape == (1, 1, 384) and 0.015 < mae.mask_token.std().item() < 0.025
+    assert mae.decoder_norm.eps == 1e-6 and not any(b.activation_checkpointing for b in mae.decoder_blocks)
+    assert (
+        mae.encoder.blocks[0].mlp.linear1.out_features == 96 and mae.decoder_blocks[0].mlp.linear1.out_features == 768
+    )
+    assert mae.no_weight_decay(tokens=False) == {"decoder_pos_embed"}
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError) as err:
+            MaskedAutoencoder(1, 32, 16, 3, mask_ratio=bad, **TINY)
+        assert str(err.value) == f"mask_ratio must be in [0, 1), got {bad}."

@@ -141,3 +141,13 @@ def test_pretraining_steps_are_the_papers_budget_or_100_passes(images, batch, st
 @pytest.mark.parametrize("steps, per_epoch, epochs", [(30_000, 3, 10_000), (10, 3, 4), (0, 5, 1), (7, 0, 7)])
 def test_epochs_for_steps_rounds_up_and_never_runs_none(steps, per_epoch, epochs):
     assert epochs_for_steps(steps, per_epoch) == epochs
+
+
+def test_defaults_of_the_pretraining_groups_and_batch_rule():
+    """REFERENCE.md: weight decay 0.05 (none on biases, norms, tables, tokens); one rank, one crop by default."""
+    mae = MaskedAutoencoder(1, 32, 16, 3, hidden_size=48, num_layers=1, num_heads=4, decoder_hidden_size=48,
+                            decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
+    decay, no_decay = param_groups_weight_decay(mae, lr=0.5)
+    assert {k: v for k, v in decay.items() if k != "params"} == {"weight_decay": 0.05, "lr": 0.5}
+    assert {k: v for k, v in no_decay.items() if k != "params"} == {"weight_decay": 0.0, "lr": 0.5}
+    assert global_batch_size(6, 16) == 6 and default_pretrain_steps(2_400) == 40_000

@@ -182,3 +182,17 @@ def test_what_a_non_checkpoint_looks_like_is_described_exactly(tmp_path, content
     with pytest.raises(CheckpointError) as err:
         load_state_dict(tmp_path / "f")
     assert str(err.value).endswith(f"found {found}.")
+
+
+def test_a_report_with_nothing_dropped_says_so(tmp_path):
+    unetr = UNETR(1, 14, 32, skip_hidden_states=(0, 1, 2), **VIT)
+    torch.save({k: v for k, v in unetr.state_dict().items() if k.startswith("encoder.")}, tmp_path / "enc.pt")
+    assert "  dropped        0 tensors of the checkpoint (-)\n" in str(transfer_encoder(unetr, tmp_path / "enc.pt"))
+
+
+@pytest.mark.parametrize("content, found", [(b"", "an empty file"), (b"hello\nworld\nmore\n", "text starting 'hello'")])
+def test_the_description_is_the_whole_finding(tmp_path, content, found):
+    (tmp_path / "f").write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(tmp_path / "f")
+    assert str(err.value).endswith(f"found {found}.")
