@@ -1,4 +1,5 @@
-"""Which precision the training steps and inferers choose, with the hardware checks mocked.
+"""Which precision the training steps and inferers choose, with the hardware checks mocked; what the MAE step passes
+on inside MONAI's SupervisedTrainer, what the inferer's autocast passes on, and the run set-up.
 
 bf16 autocast only where the hardware runs it natively: on CPUs that only emulate it (plain AVX-512,
 AVX2) it is slower than float32, and on pre-Ampere GPUs float16 with a grad scaler is used instead.
@@ -11,9 +12,21 @@ import logging
 import pytest
 import torch
 from bundle_runner import REPO
+from monai.data import MetaTensor
+from monai.engines import SupervisedTrainer
 
 from selfmedmae_components import engines
-from selfmedmae_components.engines import MAETrainingStep, autocast_dtype, cpu_capability, precision_choice
+from selfmedmae_components.engines import (
+    AutocastInferer,
+    MAETrainingStep,
+    autocast_dtype,
+    cpu_capability,
+    cpu_supports_bf16,
+    maybe_compile,
+    precision_choice,
+    setup_run,
+)
+from selfmedmae_components.networks import MaskedAutoencoder
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -100,3 +113,98 @@ def test_benchmark_records_cpu_capability_and_precision(monkeypatch, tmp_path):
     assert env["cpu_capability"] == "avx512"
     assert env["amp_dtype"] is None
     assert env["precision"].startswith("CPU has no native bf16")
+
+
+@pytest.mark.parametrize(
+    "device, amp_dtype, native, expected",
+    [
+        (CUDA, "bfloat16", True, (torch.bfloat16, "GPU: bfloat16 autocast")),
+        (CUDA, "float16", True, (torch.float16, "GPU: float16 autocast with a grad scaler")),
+        (CUDA, "bfloat16", False,
+         (torch.float16, "GPU has no native bf16 (compute capability < 8.0): float16 autocast with a grad scaler")),
+        (CPU, "float16", True, (None, "no fast float16 on cpu: float32")),
+        (torch.device("meta"), "bfloat16", True, (None, "no fast bfloat16 on meta: float32")),
+    ],
+)  # fmt: skip
+def test_each_precision_choice_says_why(monkeypatch, device, amp_dtype, native, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    fake_cpu(monkeypatch, "amx")
+    assert precision_choice(device, True, amp_dtype) == expected
+    assert autocast_dtype(device, True, amp_dtype) == expected[0]
+
+
+def test_unknown_precision_and_cpu_bf16_probe(monkeypatch):
+    with pytest.raises(ValueError) as err:
+        precision_choice(CPU, True, "fp8")
+    assert str(err.value) == "amp_dtype must be one of ['bfloat16', 'float16'], got 'fp8'."
+    fake_cpu(monkeypatch, "amx")
+    assert cpu_supports_bf16()
+    fake_cpu(monkeypatch, "avx512", "avx2")
+    assert not cpu_supports_bf16()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_inferer_runs_the_network_in_bf16_where_native(monkeypatch, native):
+    """Extra arguments reach the inner inferer and the network; the network's output comes back in float32."""
+    fake_cpu(monkeypatch, *(["amx"] if native else ["avx2"]))
+    seen = {}
+
+    def network(x, scale, shift=0.0):
+        seen.update(autocast=torch.is_autocast_enabled("cpu"), dtype=torch.get_autocast_dtype("cpu"))
+        return torch.nn.functional.linear(x, torch.eye(2)) * scale + shift
+
+    def inner(inputs, net, *args, **kwargs):  # as MONAI's inferers: network(inputs, *args, **kwargs)
+        return net(inputs, *args, **kwargs)
+
+    out = AutocastInferer(inner, amp=True)(torch.ones(1, 2), network, 2.0, shift=1.0)
+    assert seen["autocast"] == native and (not native or seen["dtype"] == torch.bfloat16)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.full((1, 2), 3.0))
+    AutocastInferer(inner, amp=False)(torch.ones(1, 2), network, 2.0)
+    assert not seen["autocast"]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_mae_step_in_a_trainer_masks_its_ratio_on_plain_float32_images(ratio, one_thread):
+    """The bundles' cache hands float16 MetaTensors; the trainer's to_kwargs make them float32 on the device and the
+    step hands the network plain tensors. The step's output carries the mask the loss used."""
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(1, 32, 8, 3, hidden_size=48, num_layers=1, num_heads=4, decoder_hidden_size=48,
+                            decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
+    seen = []
+    mae.register_forward_pre_hook(lambda m, args: seen.append((type(args[0]), args[0].dtype, args[1])))
+    batch = {"image": MetaTensor(torch.rand(2, 1, 32, 32, 32).half(), meta={"filename_or_obj": "a.nii.gz"})}
+    trainer = SupervisedTrainer(CPU, 1, [batch], mae, torch.optim.SGD(mae.parameters(), lr=0.0), None,
+                                iteration_update=MAETrainingStep(mask_ratio=ratio), decollate=False,
+                                to_kwargs={"dtype": torch.float32})  # fmt: skip
+    trainer.run()
+    assert seen == [(torch.Tensor, torch.float32, ratio)]
+    mask = trainer.state.output["mask"]
+    assert mask.shape == (2, 64) and torch.all(mask.sum(1) == 64 - int(64 * (1 - ratio)))
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])
+def test_mae_step_refuses_a_ratio_outside_0_to_1(ratio):
+    with pytest.raises(ValueError) as err:
+        MAETrainingStep(mask_ratio=ratio)
+    assert str(err.value) == f"mask_ratio must be in [0, 1), got {ratio}."
+
+
+def test_setup_run_seeds_every_run_alike(monkeypatch):
+    for flag in ("deterministic", "benchmark"):  # restored after the test
+        monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))
+    draws = []
+    for seed in (3, 3, 4):
+        setup_run(seed, "cpu")
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    setup_run(0, "cpu", deterministic=True)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    setup_run(0, "cpu")
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+
+
+def test_compile_only_when_asked():
+    """torch.compile compiles lazily, at the first call: asking costs nothing here."""
+    assert maybe_compile(torch.nn.Linear(1, 1))._compiled_call_impl is None
+    assert maybe_compile(torch.nn.Linear(1, 1), "false")._compiled_call_impl is None
+    assert maybe_compile(torch.nn.Linear(1, 1), True)._compiled_call_impl is not None
