@@ -533,36 +533,44 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
                            "probe": a.probe, "presets": ",".join(presets), "command": command[:480]})  # fmt: skip
 
     results, start, spent = [], time.time(), []
-    for k, cell in enumerate(cells):
-        cell_dir = work / "cells" / cell.name
-        result_file = cell_dir / "result.json"
-        if result_file.is_file():
-            results.append((cell, json.loads(result_file.read_text())))
-            continue
-        few = lists / f"n{cell.n}_seed{cell.seed}.json"
-        if not few.is_file():  # nothing is selected on evaluation: it stays in the datalist for `evaluate` only
-            write_json_atomic(few, dict(datalist, training=subset(pool, cell.n, cell.seed), validation=[]))
-        n_epochs = epochs[cell.n]
-        finetune = {"datalist_file": few, "seed": cell.seed, "init_mode": cell.init, "max_epochs": n_epochs,
-                    "warmup_epochs": round(a.warmup_fraction * n_epochs), "validation_mode": "none", **probe}  # fmt: skip
-        if cell.init == "mae":
-            finetune["pretrained_checkpoint"] = checkpoint
-        elif cell.init == "imagenet":
-            finetune["pretrained_checkpoint"] = Path(a.imagenet_checkpoint).resolve()
-        t0 = time.time()
-        summary = runner.cell(cell_dir, finetune, {"datalist_file": few}, label=f"[{k + 1}/{len(cells)}] {cell.name}")
-        times = {key: summary[key] for key in ("finetune_s", "evaluate_s") if key in summary}
-        result = {"cell": cell.__dict__, "steps": n_epochs * per_epoch[cell.n], "epochs": n_epochs,
-                  "summary": {k2: v for k2, v in summary.items() if not k2.endswith("_s")}, "times": times}  # fmt: skip
-        write_json_atomic(result_file, result)
-        results.append((cell, result))
-        spent.append(time.time() - t0)
-        left = [c for c in cells[k + 1 :] if not (work / "cells" / c.name / "result.json").is_file()]
-        mean = statistics.mean(spent)  # measured cells' time; the estimate's step model before the first
-        print(f"  {len(cells) - len(left)}/{len(cells)} cells, {fmt_time(time.time() - start)} this call, "
-              f"about {fmt_time(mean * len(left))} left", flush=True)  # fmt: skip
-        if tracker:
-            tracker.cell(cell, metric_rows([(cell, result)], bundle)[0], cell_dir)
+    try:
+        for k, cell in enumerate(cells):
+            cell_dir = work / "cells" / cell.name
+            result_file = cell_dir / "result.json"
+            if result_file.is_file():
+                results.append((cell, json.loads(result_file.read_text())))
+                continue
+            few = lists / f"n{cell.n}_seed{cell.seed}.json"
+            if not few.is_file():  # nothing is selected on evaluation: it stays in the datalist for `evaluate` only
+                write_json_atomic(few, dict(datalist, training=subset(pool, cell.n, cell.seed), validation=[]))
+            n_epochs = epochs[cell.n]
+            finetune = {"datalist_file": few, "seed": cell.seed, "init_mode": cell.init, "max_epochs": n_epochs,
+                        "warmup_epochs": round(a.warmup_fraction * n_epochs), "validation_mode": "none", **probe}  # fmt: skip
+            if cell.init == "mae":
+                finetune["pretrained_checkpoint"] = checkpoint
+            elif cell.init == "imagenet":
+                finetune["pretrained_checkpoint"] = Path(a.imagenet_checkpoint).resolve()
+            t0 = time.time()
+            summary = runner.cell(
+                cell_dir, finetune, {"datalist_file": few}, label=f"[{k + 1}/{len(cells)}] {cell.name}"
+            )
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            times = {key: summary[key] for key in ("finetune_s", "evaluate_s") if key in summary}
+            result = {"cell": cell.__dict__, "steps": n_epochs * per_epoch[cell.n], "epochs": n_epochs,
+                      "summary": {k2: v for k2, v in summary.items() if not k2.endswith("_s")}, "times": times}  # fmt: skip
+            write_json_atomic(result_file, result)
+            results.append((cell, result))
+            spent.append(time.time() - t0)
+            left = [c for c in cells[k + 1 :] if not (work / "cells" / c.name / "result.json").is_file()]
+            mean = statistics.mean(spent)  # measured cells' time; the estimate's step model before the first
+            print(f"  {len(cells) - len(left)}/{len(cells)} cells, {fmt_time(time.time() - start)} this call, "
+                  f"about {fmt_time(mean * len(left))} left", flush=True)  # fmt: skip
+            if tracker:
+                tracker.cell(cell, metric_rows([(cell, result)], bundle)[0], cell_dir)
+    except BaseException:
+        if tracker:  # a killed process ends its MLflow run anyway; a call interrupted inside this process must too
+            tracker.mlflow.end_run(status="KILLED")
+        raise
 
     rows = metric_rows(results, bundle)
     metric = a.metric or sweep.default_metric(rows)
