@@ -200,7 +200,7 @@ def test_mlflow_parent_run_with_a_child_per_cell_and_the_curve(tmp_path, runner_
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"curve.png", "results.md", "results.csv"}
 
 
-@pytest.mark.parametrize("make", [lambda: UNETR(1, 3, (32, 32, 32), feature_size=8, hidden_size=48, num_layers=2, num_heads=4, skip_hidden_states=(0, 0, 1)),
+@pytest.mark.parametrize("make", [lambda: UNETR(1, 3, (16, 16, 16), feature_size=8, hidden_size=48, num_layers=2, num_heads=4, skip_hidden_states=(0, 0, 1)),
                                   lambda: ViTClassifier(img_size=32, patch_size=16, num_classes=14, hidden_size=48, num_layers=2, num_heads=4)])  # fmt: skip
 def test_probe_freezes_the_encoder_only(make):
     model = freeze_encoder(make())
@@ -210,7 +210,7 @@ def test_probe_freezes_the_encoder_only(make):
     assert trained == {n for n, p in model.named_parameters() if not n.startswith("encoder.")}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(groups)
-    x = torch.randn(1, 1, 32, 32, 32) if isinstance(model, UNETR) else torch.randn(2, 3, 32, 32)
+    x = torch.randn(1, 1, 16, 16, 16) if isinstance(model, UNETR) else torch.randn(2, 3, 32, 32)
     model(x).float().pow(2).mean().backward()
     opt.step()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if n.startswith("encoder."))

@@ -505,7 +505,7 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
           + ", ".join(f"{n} cases {epochs[n]} epochs = {epochs[n] * per_epoch[n]} steps" for n in epochs) + ")", flush=True)  # fmt: skip
 
     done = {c.name for c in cells if (work / "cells" / c.name / "result.json").is_file()}
-    if not a.no_estimate and len(done) < len(cells):
+    if (a.estimate_only or not a.no_estimate) and len(done) < len(cells):
         pre = None
         if "mae" in inits and not a.mae_checkpoint and not (work / "pretrain" / "models" / "mae_pretrain.pt").is_file():
             pre_batch = config_int(bundle, "pretrain", presets, overrides["pretrain"], "batch_size") or batch
@@ -523,6 +523,8 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
               f"evaluation {est['evaluate_s']:.0f} s" + (f", an MAE step {est['pretrain_step_s']:.2f} s" if pre else "")
               + f" (measured on full batches: {work / 'estimate.json'})", flush=True)  # fmt: skip
 
+    if a.estimate_only:
+        return work
     if "mae" in inits:
         checkpoint = Path(a.mae_checkpoint).resolve() if a.mae_checkpoint else runner.pretrain(
             work / "pretrain", lists / "mae_unlabelled.json", pretrain_epochs)  # fmt: skip
@@ -640,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking_uri", default=None, help="default: sqlite:///<workdir>/mlflow.db")
     p.add_argument("--experiment_name", default=None)
     p.add_argument("--no_estimate", action="store_true", help="skip the timed steps before the study")
+    p.add_argument("--estimate_only", action="store_true", help="time the steps, print the estimate and stop")
     return p  # fmt: skip
 
 
