@@ -147,6 +147,11 @@ def test_a_study_killed_between_cells_resumes_and_ends_with_the_same_table(tmp_p
     for name in ("results.csv", "results.md"):
         assert (resumed / name).read_text() == (reference / name).read_text()
 
+    runner_log.calls = []  # the same workdir with other settings: nothing reused, every cell runs again
+    run_study(tmp_path / "killed", data, "--finetune_steps", "4")
+    assert sum(c[0] == "cell" for c in runner_log.calls) == 24
+    assert {r["steps"] for r in csv.DictReader(open(tmp_path / "killed" / "results.csv"))} == {"4"}
+
 
 def test_bad_input_is_one_line_naming_what_was_expected(tmp_path, runner_log):
     data = tiny_datalist(tmp_path / "data")

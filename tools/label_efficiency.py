@@ -61,7 +61,6 @@ for path in (TOOLS, REPO):
 import sweep  # noqa: E402  (tools/sweep.py: the bundle runner and plotting helpers shared by the experiment tools)
 
 from selfmedmae_components import registry  # noqa: E402
-from selfmedmae_components.optim import epochs_for_steps  # noqa: E402
 from selfmedmae_components.paired_stats import holm, mean_ci, paired_test  # noqa: E402
 
 INITS = ("scratch", "mae", "imagenet")
@@ -151,6 +150,14 @@ def write_json_atomic(path: Path, content) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(content, indent=1, default=str))
     os.replace(tmp, path)  # a killed study leaves either the old file or the new one, never half of one
+
+
+def finished(result_file: Path, plan: dict) -> dict | None:
+    """The cell's result if it was finished under the same study settings, else None."""
+    if not result_file.is_file():
+        return None
+    result = json.loads(result_file.read_text())
+    return result if result.get("plan") == plan else None
 
 
 # -------------------------------------------------------------------------------------- the runner
@@ -478,6 +485,8 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
         )
     runner = runner_factory(bundle, presets, overrides, dataset_dir)
 
+    from selfmedmae_components.optim import epochs_for_steps  # torch: loaded after the arguments are checked
+
     # equal compute: the same optimiser steps at every count (an epoch is ceil(n / batch) steps)
     demo = (
         entry.demo_run if "demo" in presets else None
@@ -504,7 +513,13 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
           f"x {len(inits)} inits), {steps} fine-tuning steps each (batch {batch}: "
           + ", ".join(f"{n} cases {epochs[n]} epochs = {epochs[n] * per_epoch[n]} steps" for n in epochs) + ")", flush=True)  # fmt: skip
 
-    done = {c.name for c in cells if (work / "cells" / c.name / "result.json").is_file()}
+    # what a finished cell's result depends on beyond its own (count, seed, init): a workdir reused with other settings
+    # runs its cells again instead of mixing results
+    plan = json.loads(json.dumps({"bundle": bundle, "presets": presets, "set": a.set, "dataset_dir": dataset_dir,
+                                  "datalist": list_file.resolve(), "steps": steps, "warmup_fraction": a.warmup_fraction,
+                                  "probe": a.probe, "mae": a.mae_checkpoint or pretrain_epochs,
+                                  "imagenet": a.imagenet_checkpoint}, default=str))  # fmt: skip
+    done = {c.name for c in cells if finished(work / "cells" / c.name / "result.json", plan)}
     if (a.estimate_only or not a.no_estimate) and len(done) < len(cells):
         pre = None
         if "mae" in inits and not a.mae_checkpoint and not (work / "pretrain" / "models" / "mae_pretrain.pt").is_file():
@@ -539,8 +554,9 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
         for k, cell in enumerate(cells):
             cell_dir = work / "cells" / cell.name
             result_file = cell_dir / "result.json"
-            if result_file.is_file():
-                results.append((cell, json.loads(result_file.read_text())))
+            result = finished(result_file, plan)
+            if result:
+                results.append((cell, result))
                 continue
             few = lists / f"n{cell.n}_seed{cell.seed}.json"
             if not few.is_file():  # nothing is selected on evaluation: it stays in the datalist for `evaluate` only
@@ -558,12 +574,12 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
             )
             cell_dir.mkdir(parents=True, exist_ok=True)
             times = {key: summary[key] for key in ("finetune_s", "evaluate_s") if key in summary}
-            result = {"cell": cell.__dict__, "steps": n_epochs * per_epoch[cell.n], "epochs": n_epochs,
+            result = {"cell": cell.__dict__, "plan": plan, "steps": n_epochs * per_epoch[cell.n], "epochs": n_epochs,
                       "summary": {k2: v for k2, v in summary.items() if not k2.endswith("_s")}, "times": times}  # fmt: skip
             write_json_atomic(result_file, result)
             results.append((cell, result))
             spent.append(time.time() - t0)
-            left = [c for c in cells[k + 1 :] if not (work / "cells" / c.name / "result.json").is_file()]
+            left = [c for c in cells[k + 1 :] if c.name not in done]
             mean = statistics.mean(spent)  # measured cells' time; the estimate's step model before the first
             print(f"  {len(cells) - len(left)}/{len(cells)} cells, {fmt_time(time.time() - start)} this call, "
                   f"about {fmt_time(mean * len(left))} left", flush=True)  # fmt: skip
