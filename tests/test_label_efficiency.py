@@ -166,6 +166,7 @@ def test_bad_input_is_one_line_naming_what_was_expected(tmp_path, runner_log):
     assert "expected 1 to 10, the labelled cases available" in error("--labelled", "1,20")
     assert "percentages are for 2-D classification (cxr14_cls)" in error("--labelled", "10%")
     assert "expected a whole number" in error("--labelled", "two")
+    assert "expected comma-separated integers" in error("--seeds", "0,one")
     assert "expected distinct names among scratch, mae, imagenet" in error("--inits", "scratch,moco")
     assert "needs --imagenet_checkpoint" in error("--inits", "scratch,imagenet")
     assert "--datalist" in error("--set", "finetune:datalist_file=x.json")

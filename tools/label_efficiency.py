@@ -404,7 +404,8 @@ def estimate(runner: BundleRunner, work: Path, pool: list[dict], batch: int, mae
     """Time real steps: fine-tuning (and pre-training, if it is to run) for 1 and 3 epochs of one full batch each
     (the difference over 2 is a step, the rest start-up), and one evaluation; kept in ``estimate.json``."""
     out_file = work / "estimate.json"
-    if out_file.is_file():
+    key = json.loads(json.dumps([runner.presets, runner.overrides, finetune_extra, batch, pretrain], default=str))
+    if out_file.is_file() and json.loads(out_file.read_text()).get("key") == key:  # timed with these settings
         return json.loads(out_file.read_text())
     root = work / "timing"
     root.mkdir(parents=True, exist_ok=True)
@@ -427,7 +428,7 @@ def estimate(runner: BundleRunner, work: Path, pool: list[dict], batch: int, mae
                                                        {"datalist_file": pre_list, "max_epochs": epochs, "warmup_epochs": 0})  # fmt: skip
         result["pretrain_step_s"] = (times["pretrain_3"] - times["pretrain_1"]) / 2
         result["pretrain_startup_s"] = max(0.0, times["pretrain_1"] - result["pretrain_step_s"])
-    result["measured"] = {k: round(v, 1) for k, v in times.items()}
+    result["measured"], result["key"] = {k: round(v, 1) for k, v in times.items()}, key
     write_json_atomic(out_file, result)
     return result
 
@@ -463,7 +464,10 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
             f"{list_file} has no 'evaluation' cases to evaluate on (expected the list tools/prepare.py writes)"
         )
     counts = parse_labelled(a.labelled, len(pool), bundle, entry.geometry.labels == "multilabel")
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise StudyError(f"--seeds {a.seeds}: expected comma-separated integers such as 0,1,2") from None
     inits = [i.strip() for i in a.inits.split(",") if i.strip()]
     bad = [i for i in inits if i not in INITS]
     if bad or not inits or len(set(inits)) < len(inits):
