@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -350,8 +351,12 @@ class Tracker:
     the same run), a child run per cell, the tables and the curve as the parent's artifacts."""
 
     def __init__(self, work: Path, uri: str | None, experiment: str, params: dict):
-        import mlflow
-
+        try:
+            import mlflow
+        except ImportError:
+            raise StudyError(
+                "--tracking mlflow needs MLflow: pip install -e '.[mlflow]' (the project's mlflow extra)"
+            ) from None
         self.mlflow, self.work = mlflow, work
         mlflow.set_tracking_uri(uri or f"sqlite:///{work / 'mlflow.db'}")
         if mlflow.get_experiment_by_name(experiment) is None:
@@ -478,6 +483,8 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
         raise StudyError(f"--seeds {a.seeds}: expected distinct integers")
     if a.mae_checkpoint and not Path(a.mae_checkpoint).is_file():
         raise StudyError(f"--mae_checkpoint {a.mae_checkpoint}: file not found")
+    if a.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:  # said now, not after the pre-training
+        raise StudyError("--tracking mlflow needs MLflow: pip install -e '.[mlflow]' (the project's mlflow extra)")
     overrides = sweep.parse_overrides(a.set)
     pretrain_own = {"bundle_root", "dataset_dir", "datalist_file", "max_epochs"}
     taken = sorted(
