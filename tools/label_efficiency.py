@@ -29,8 +29,8 @@ paired difference to scratch with its 95 % t interval, paired t-test and Wilcoxo
 counts), ``curve.png`` (metric against labelled count, log axis, one line per init with 95 % bands). Each cell's
 result is written atomically (``cells/<cell>/result.json``); a killed study run again with the same arguments
 runs only the cells it had not finished. Before the first cell it times real steps (a short pre-training and
-fine-tuning of 1 and 3 epochs, and one evaluation) and prints an estimate of the whole study; after each cell the
-time left. ``--tracking mlflow`` logs one parent run per study and a child run per cell, the curve as an artifact.
+fine-tuning of a few one-step epochs, and one evaluation) and prints an estimate of the whole study; after each cell
+the time left. ``--tracking mlflow`` logs one parent run per study and a child run per cell, the curve as an artifact.
 """
 
 from __future__ import annotations
@@ -405,10 +405,30 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
+# Ignite's own line at the end of every epoch (the bundles' logging.conf keeps it): the epoch's steps and handlers,
+# without the process start-up, caching and the final checkpoint that a wall-clock difference of two runs mixes in
+EPOCH_LINE = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
+TIMING_EPOCHS = 4  # one full batch each: the first (warm-up of allocators and kernels) is left out of the step time
+
+
+def epoch_seconds(log: str) -> list[float]:
+    """Seconds of each training epoch, from Ignite's "Epoch[k] Complete. Time taken: h:m:s" lines of a run's log."""
+    return [int(h) * 3600 + int(m) * 60 + float(sec) for _, h, m, sec in EPOCH_LINE.findall(log)]
+
+
+def timed_steps(runner: BundleRunner, stage: str, root: Path, settings: dict) -> tuple[float, float]:
+    """(seconds a step, seconds of everything else) of a run of TIMING_EPOCHS epochs of one step each."""
+    wall = runner.timed(stage, root, {**settings, "max_epochs": TIMING_EPOCHS, "warmup_epochs": 0})
+    epochs = epoch_seconds((root / f"{stage}.log").read_text())[-TIMING_EPOCHS:]
+    if len(epochs) < 2:  # no epoch lines (a logging config without Ignite's INFO): the wall time as one step
+        return wall / TIMING_EPOCHS, 0.0
+    return statistics.mean(epochs[1:]), max(0.0, wall - sum(epochs))
+
+
 def estimate(runner: BundleRunner, work: Path, pool: list[dict], batch: int, mae_list: dict, pretrain: dict | None,
              datalist: dict, finetune_extra: dict) -> dict:  # fmt: skip
-    """Time real steps: fine-tuning (and pre-training, if it is to run) for 1 and 3 epochs of one full batch each
-    (the difference over 2 is a step, the rest start-up), and one evaluation; kept in ``estimate.json``."""
+    """Time real steps, kept in ``estimate.json``: fine-tuning (and pre-training, if it is to run) for a few epochs
+    of one full batch, and one evaluation of the evaluation cases."""
     out_file = work / "estimate.json"
     key = json.loads(json.dumps([runner.presets, runner.overrides, finetune_extra, batch, pretrain], default=str))
     if out_file.is_file() and json.loads(out_file.read_text()).get("key") == key:  # timed with these settings
@@ -417,24 +437,17 @@ def estimate(runner: BundleRunner, work: Path, pool: list[dict], batch: int, mae
     root.mkdir(parents=True, exist_ok=True)
     ft_list = root / "datalist_timing.json"
     write_json_atomic(ft_list, dict(datalist, training=pool[:batch], validation=[]))
-    times = {}
-    for epochs in (1, 3):
-        settings = {"datalist_file": ft_list, "max_epochs": epochs, "warmup_epochs": 0, "validation_mode": "none",
-                    "init_mode": "scratch", **finetune_extra}  # fmt: skip
-        times[f"finetune_{epochs}"] = runner.timed("finetune", root / f"finetune_{epochs}", settings)
-    times["evaluate"] = runner.timed("evaluate", root / "finetune_3", {"datalist_file": ft_list})
-    result = {"finetune_step_s": (times["finetune_3"] - times["finetune_1"]) / 2}
-    result["finetune_startup_s"] = max(0.0, times["finetune_1"] - result["finetune_step_s"])
-    result["evaluate_s"] = times["evaluate"]
+    settings = {"datalist_file": ft_list, "validation_mode": "none", "init_mode": "scratch", **finetune_extra}
+    result = dict(
+        zip(("finetune_step_s", "finetune_startup_s"), timed_steps(runner, "finetune", root / "finetune", settings))
+    )
+    result["evaluate_s"] = runner.timed("evaluate", root / "finetune", {"datalist_file": ft_list})
     if pretrain is not None:
         pre_list = root / "datalist_timing_mae.json"
         write_json_atomic(pre_list, dict(mae_list, training=mae_list["training"][: pretrain["batch"]]))
-        for epochs in (1, 3):
-            times[f"pretrain_{epochs}"] = runner.timed("pretrain", root / f"pretrain_{epochs}",
-                                                       {"datalist_file": pre_list, "max_epochs": epochs, "warmup_epochs": 0})  # fmt: skip
-        result["pretrain_step_s"] = (times["pretrain_3"] - times["pretrain_1"]) / 2
-        result["pretrain_startup_s"] = max(0.0, times["pretrain_1"] - result["pretrain_step_s"])
-    result["measured"], result["key"] = {k: round(v, 1) for k, v in times.items()}, key
+        step, rest = timed_steps(runner, "pretrain", root / "pretrain", {"datalist_file": pre_list})
+        result |= {"pretrain_step_s": step, "pretrain_startup_s": rest}
+    result["key"] = key
     write_json_atomic(out_file, result)
     return result
 
