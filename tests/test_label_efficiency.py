@@ -268,3 +268,13 @@ def test_real_bundles_killed_between_cells_resume(tmp_path):
     tuned = torch.load(probe / "cells" / "n1_seed0_mae" / "models" / "model.pt", weights_only=True)["model"]
     blocks = [k for k in tuned if k.startswith("encoder.blocks.") and k in pre]
     assert blocks and all(torch.equal(pre[k], tuned[k]) for k in blocks)  # fine-tuned, yet the encoder as pre-trained
+
+
+def test_step_time_is_read_from_ignites_epoch_lines(caplog):
+    from ignite.engine import Engine
+
+    engine = Engine(lambda e, batch: time.sleep(0.01))
+    with caplog.at_level("INFO"):
+        engine.run([0, 1], max_epochs=3)
+    seconds = le.epoch_seconds("\n".join(caplog.messages))
+    assert len(seconds) == 3 and all(0.02 <= s < 1.0 for s in seconds)  # two 10 ms steps an epoch
