@@ -148,7 +148,11 @@ def test_a_study_killed_between_cells_resumes_and_ends_with_the_same_table(tmp_p
         assert (resumed / name).read_text() == (reference / name).read_text()
 
     runner_log.calls = []  # the same workdir with other settings: nothing reused, every cell runs again
+    stale = tmp_path / "killed" / "cells" / finished[0] / "eval" / "summary.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")  # the bundle runner's record of an evaluation, which it would otherwise reuse
     run_study(tmp_path / "killed", data, "--finetune_steps", "4")
+    assert not stale.exists()
     assert sum(c[0] == "cell" for c in runner_log.calls) == 24
     assert {r["steps"] for r in csv.DictReader(open(tmp_path / "killed" / "results.csv"))} == {"4"}
 

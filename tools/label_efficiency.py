@@ -513,9 +513,8 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
     from selfmedmae_components.optim import epochs_for_steps  # torch: loaded after the arguments are checked
 
     # equal compute: the same optimiser steps at every count (an epoch is ceil(n / batch) steps)
-    demo = (
-        entry.demo_run if "demo" in presets else None
-    )  # the demo's epochs (tools/demo.py): demo.yaml has none for btcv
+    # the demo's epochs are tools/demo.py's (the registry's): btcv's demo.yaml has none
+    demo = entry.demo_run if "demo" in presets else None
     batch = config_int(bundle, "finetune", presets, overrides["finetune"], "batch_size")
     if batch is None:
         raise StudyError("the finetune config's batch_size is an expression: give it with --set finetune:batch_size=N")
@@ -583,6 +582,9 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
             if result:
                 results.append((cell, result))
                 continue
+            if result_file.is_file():  # finished under other settings: the bundle runner must not reuse its evaluation
+                result_file.unlink()
+                (cell_dir / "eval" / "summary.json").unlink(missing_ok=True)
             few = lists / f"n{cell.n}_seed{cell.seed}.json"
             if not few.is_file():  # nothing is selected on evaluation: it stays in the datalist for `evaluate` only
                 write_json_atomic(few, dict(datalist, training=subset(pool, cell.n, cell.seed), validation=[]))
