@@ -8,6 +8,7 @@ AVX2) it is slower than float32, and on pre-Ampere GPUs float16 with a grad scal
 import importlib.util
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from selfmedmae_components import engines
 from selfmedmae_components.engines import (
     AutocastInferer,
     MAETrainingStep,
+    TrainingStep,
     autocast_dtype,
     cpu_capability,
     cpu_supports_bf16,
@@ -71,6 +73,12 @@ def test_cpu_capability_without_torch_probes(monkeypatch):
 def test_amp_off_is_float32_even_with_native_bf16(monkeypatch, amp):
     fake_cpu(monkeypatch, "amx")
     assert precision_choice(CPU, amp) == (None, "amp off: float32")
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """The fp16 + grad scaler path on the CPU: GradScaler("cpu") runs there."""
+    monkeypatch.setattr(engines, "autocast_dtype", lambda device, amp, amp_dtype="bfloat16": torch.float16)
 
 
 @pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float16)])
@@ -208,3 +216,53 @@ def test_compile_only_when_asked():
     assert maybe_compile(torch.nn.Linear(1, 1))._compiled_call_impl is None
     assert maybe_compile(torch.nn.Linear(1, 1), "false")._compiled_call_impl is None
     assert maybe_compile(torch.nn.Linear(1, 1), True)._compiled_call_impl is not None
+
+
+def test_float16_is_never_chosen_on_a_cpu_even_with_native_bf16(monkeypatch):
+    """The dtype asked for is the one weighed: float16 on a CPU stays float32 (no bf16 in its place)."""
+    fake_cpu(monkeypatch, "amx")
+    assert TrainingStep(amp=True, amp_dtype="float16").dtype(CPU) is None
+    seen = []
+    net = lambda x: seen.append(torch.is_autocast_enabled("cpu")) or x  # noqa: E731
+    AutocastInferer(lambda inputs, network: network(inputs), amp_dtype="float16")(torch.ones(1), net)
+    AutocastInferer(lambda inputs, network: network(inputs))(torch.ones(1), net)  # amp on by default
+    assert seen == [False, True]
+
+
+def test_the_step_trains_under_the_chosen_autocast(monkeypatch):
+    fake_cpu(monkeypatch, "amx")
+    seen = []
+    net = torch.nn.Linear(2, 1)
+    net.register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+    )
+    engine = SimpleNamespace(network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), non_blocking=False,
+                             loss_function=lambda p, y: p.float().mean(), state=SimpleNamespace(device=CPU))  # fmt: skip
+    TrainingStep(amp=True)(engine, {"image": torch.ones(2, 2), "label": torch.ones(2, 1)})
+    assert seen == [(True, torch.bfloat16)]
+
+
+def test_scaler_state_round_trips_before_and_after_the_scaler_exists(fp16_on_cpu):
+    """A resumed run loads the grad scaler's state before the first step creates the scaler: it is kept, saved
+    again if the run stops first, and loaded into the scaler once it exists."""
+    saved = {
+        "scale": 1024.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 3,
+    }
+    step = TrainingStep(amp=True, amp_dtype="float16")
+    assert step.state_dict() == {}
+    step.load_state_dict({"scaler": saved})
+    assert step.state_dict() == {"scaler": saved}
+    step.dtype(CPU)  # the first step: the scaler is created and takes the state
+    assert step.scaler.get_scale() == 1024.0
+    step.load_state_dict({"scaler": {**saved, "scale": 64.0}})
+    assert step.scaler.get_scale() == 64.0 and step.state_dict()["scaler"]["scale"] == 64.0
+
+
+def test_a_batch_that_fits_goes_through_whole():
+    batch = {"image": torch.zeros(4, 1), "label": torch.zeros(4, 1)}
+    (part, share), *rest = TrainingStep(micro_batch_size=4).micro_batches(batch)
+    assert part is batch and share == 1.0 and not rest
