@@ -5,6 +5,7 @@ pairs of a group; HD95 cases where a class is missed (infinite) counted and left
 import csv
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_hd95_is_in_millimetres_of_each_cases_spacing():
     labels = [one_voxel(t, s) for s, _, t in cases]
     got = metric(preds, labels).squeeze(1).tolist()
     expected = [float(np.linalg.norm((np.subtract(t, p)) * np.array(s))) for s, p, t in cases]
-    assert got == pytest.approx(expected, rel=1e-6)  # [sqrt(36 + 1), sqrt(1 + 16)]
+    assert got == pytest.approx(expected, rel=1e-6)  # [sqrt(36 + 1), sqrt(1 + 4)]
 
 
 def test_report_means_skip_absent_classes_and_count_misses(tmp_path):
@@ -55,8 +56,11 @@ def test_report_means_skip_absent_classes_and_count_misses(tmp_path):
         rows = list(csv.reader(f))
     assert rows[0] == ["case", "dice_a", "dice_b", "dice_c", "hd95_a", "hd95_b", "hd95_c"]
     assert rows[1] == ["img1.nii.gz", "0.5000", "nan", "0.9000", "inf", "nan", "3.0000"]
-    md = (tmp_path / "summary.md").read_text()
-    assert "| **mean, all** | 52.00 | 3.00 |" in md and "| b | 20.00 | 2.00 |" in md
+    assert (tmp_path / "summary.md").read_text() == (
+        "Evaluation on 2 cases (Dice in %, HD95 in mm)\n\n| class | dice | hd95 |\n|---|---|---|\n"
+        "| **mean, all** | 52.00 | 3.00 |\n| **mean, a, b** | 56.67 | 3.00 |\n"
+        "| a | 75.00 | 4.00 |\n| b | 20.00 | 2.00 |\n| c | 45.00 | 3.00 |\n"
+    )
 
 
 def reference_hd95(pred: np.ndarray, label: np.ndarray, spacing, q: float = 95) -> float:
@@ -99,7 +103,29 @@ def test_report_defaults_and_output(tmp_path, capsys):
     details = {"dice": torch.tensor([[0.5, math.nan]])}
     engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "metric_details", details))
     report.attach(engine)
-    engine.run([[{"image": torch.zeros(1)}]], max_epochs=1)
+    engine.run([{"image": MetaTensor(torch.zeros(1))}], max_epochs=1)  # a batch that is not a list
+    engine.run([{"image": MetaTensor(torch.zeros(1))}], max_epochs=1)  # run again: the cases start afresh
     summary = json.loads((tmp_path / "eval" / "run1" / "summary.json").read_text())
     assert list(summary["groups"]) == ["all"] and math.isnan(summary["per_class"]["dice"]["b"])
-    assert capsys.readouterr().out == (tmp_path / "eval" / "run1" / "summary.md").read_text() + "\n"
+    assert (tmp_path / "eval" / "run1" / "per_case.csv").read_text().splitlines()[1].startswith("case0,")
+    assert capsys.readouterr().out.endswith((tmp_path / "eval" / "run1" / "summary.md").read_text() + "\n")
+
+
+def test_hd95_of_a_collated_batch_and_of_a_given_spacing():
+    """A batch collated by MONAI carries one spacing per case; a spacing the caller gives wins over the image's; an
+    empty class is NaN without a warning."""
+    from monai.data import list_data_collate
+
+    cases = [((3.0, 1.0, 1.0), (2, 2, 2), (4, 3, 2)), ((0.5, 2.0, 4.0), (1, 1, 1), (3, 2, 1))]
+    preds = torch.stack([one_voxel(p, s).as_tensor() for s, p, _ in cases])
+    labels = list_data_collate([{"y": one_voxel(t, s)} for s, _, t in cases])["y"]
+    metric = HausdorffDistanceMMMetric(include_background=False, percentile=95)
+    assert metric(preds, labels).squeeze(1).tolist() == pytest.approx([math.sqrt(37), math.sqrt(5)], rel=1e-6)
+    given = metric(list(preds), [one_voxel(t, s) for s, _, t in cases], spacing=[1.0, 1.0, 1.0])
+    assert given.squeeze(1).tolist() == pytest.approx([math.sqrt(5), math.sqrt(5)], rel=1e-6)
+    empty = one_voxel((0, 0, 0), (1.0, 1.0, 1.0))
+    empty[1] = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert math.isnan(metric([empty], [empty]).item())
+    assert not [w for w in caught if "is all 0" in str(w.message)]
