@@ -227,6 +227,7 @@ def test_defaults_are_the_papers_vit_b16_classifier_unetr_and_mae():
     vit_b(unetr.encoder, 1, (2, 2, 2))
     assert unetr.skip_hidden_states == (3, 6, 9) and unetr.encoder1.layer.conv1.conv.out_channels == 16
     assert unetr.encoder.blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    assert not any(b.activation_checkpointing for b in unetr.encoder.blocks)
     del unetr
     mae = MaskedAutoencoder(1, 32)
     vit_b(mae.encoder, 1, (2, 2, 2))
@@ -265,3 +266,13 @@ def test_unetr_decoder_is_monais(spatial_dims):
     shapes = lambda net: {k: v.shape for k, v in net.state_dict().items() if not k.startswith(("encoder.", "vit."))}  # noqa: E731
     assert shapes(ours) == shapes(theirs)
     assert ours(torch.randn(1, 2, *size)).shape == (1, 3, *size)
+
+
+def test_tokens_to_volume_puts_each_token_at_its_grid_position():
+    """(N, L, D) row-major tokens -> (N, D, *grid): token (i, j, k) of a 2 x 3 x 4 grid lands at [:, :, i, j, k]."""
+    unetr = UNETR(1, 2, (32, 48, 64), feature_size=8, hidden_size=48, num_layers=3, num_heads=4,
+                  skip_hidden_states=(0, 1, 2))  # fmt: skip
+    x = torch.randn(2, 24, 48)
+    vol = unetr.tokens_to_volume(x)
+    for i, j, k in ((0, 0, 0), (1, 2, 3), (0, 1, 2)):
+        assert torch.equal(vol[:, :, i, j, k], x[:, (i * 3 + j) * 4 + k])

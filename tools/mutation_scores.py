@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--survivors", action="store_true", help="list each module's surviving mutants")
     parser.add_argument("--save", type=Path, help="write the statuses (JSON) for a later --baseline")
     parser.add_argument("--baseline", type=Path, help="statuses of an earlier run for the mutants not checked now")
+    parser.add_argument("--load", type=Path, help="score statuses --save kept, instead of mutants/")
     args = parser.parse_args(argv)
-    equivalent, results = equivalent_mutants(), statuses()
+    equivalent = equivalent_mutants()
+    results = json.loads(args.load.read_text()) if args.load else statuses()
     if args.baseline:
         for module, earlier in json.loads(args.baseline.read_text()).items():
             for name, status in earlier.items():
