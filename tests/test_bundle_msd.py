@@ -149,8 +149,8 @@ def test_inference_in_the_input_geometry(runs, layout):
         np.testing.assert_allclose(seg.affine, image.affine, atol=1e-4)
         values = set(np.unique(np.asarray(seg.dataobj)).tolist())
         assert values <= set(range(len(demo.LAYOUTS[layout]["labels"]))), values
-    if layout == "mr":  # the trained one finds its labels
-        assert values & {1, 2}, values
+        if layout == "mr":  # the trained one finds its labels in every input (an all-background map fails here)
+            assert values & {1, 2}, (image_file.name, values)
 
 
 def test_overrides_beat_the_derived_defaults(runs):
