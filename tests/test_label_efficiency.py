@@ -193,6 +193,7 @@ def test_percentages_of_the_pool_for_classification():
 
 def test_mlflow_parent_run_with_a_child_per_cell_and_the_curve(tmp_path, runner_log):
     mlflow = pytest.importorskip("mlflow")
+    environ = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     data = tiny_datalist(tmp_path / "data")
     work = tmp_path / "w"
     runner_log.kill_at = 3  # a resumed study logs into the same parent run
@@ -208,6 +209,9 @@ def test_mlflow_parent_run_with_a_child_per_cell_and_the_curve(tmp_path, runner_
     assert sorted(r.info.run_name for r in children) == sorted(p.name for p in (work / "cells").iterdir())
     assert all(0 < r.data.metrics["dice:8 organs paper"] < 1 for r in children)
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"curve.png", "results.md", "results.csv"}
+    # MLflow exports its URI and experiment to the environment; the study puts them back (a later bundle run with
+    # --tracking mlflow in this process's children logged into the study's store)
+    assert {k: os.environ.get(k) for k in environ} == environ
 
 
 @pytest.mark.parametrize("make", [lambda: UNETR(1, 3, (16, 16, 16), feature_size=8, hidden_size=48, num_layers=2, num_heads=4, skip_hidden_states=(0, 0, 1)),

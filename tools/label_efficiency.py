@@ -359,6 +359,9 @@ class Tracker:
                 "--tracking mlflow needs MLflow: pip install -e '.[mlflow]' (the project's mlflow extra)"
             ) from None
         self.mlflow, self.work = mlflow, work
+        # MLflow exports its URI and experiment to the environment: put them back at the end, or a later MLflow
+        # user in this process and its subprocesses (a bundle's --tracking mlflow) logs into this study's store
+        self._environ = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
         mlflow.set_tracking_uri(uri or f"sqlite:///{work / 'mlflow.db'}")
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=(work / "mlartifacts").as_uri())
@@ -384,7 +387,16 @@ class Tracker:
     def finish(self) -> None:
         for name in ("curve.png", "results.md", "results.csv"):
             self.mlflow.log_artifact(str(self.work / name))
-        self.mlflow.end_run()
+        self.close()
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+        self.mlflow.set_tracking_uri(self._environ["MLFLOW_TRACKING_URI"])  # None: unset, as before
+        for key, value in self._environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # ------------------------------------------------------------------------------------------- the study
@@ -614,7 +626,7 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
                 tracker.cell(cell, metric_rows([(cell, result)], bundle)[0], cell_dir)
     except BaseException:
         if tracker:  # a killed process ends its MLflow run anyway; a call interrupted inside this process must too
-            tracker.mlflow.end_run(status="KILLED")
+            tracker.close(status="KILLED")
         raise
 
     rows = metric_rows(results, bundle)
