@@ -320,15 +320,8 @@ def plot_curve(rows: list[dict], metric: str, inits: list[str], path: Path, titl
     d.text((W / 2, 8), title, fill="black", font=font, anchor="ma")
     d.text((8, top - 20), metric_label(metric) + ", mean and 95 % CI over seeds", fill="black", font=small)
     for i, init in enumerate(inits):
-        colour, pts = sweep.COLOURS[i % len(sweep.COLOURS)], series[init]
-        xy = [(X(n), Y(m)) for n, m, _, _ in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=colour, width=2)
-        for x, y in xy:
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        ly = top + 10 + 22 * i
-        d.line([W - right + 12, ly, W - right + 36, ly], fill=colour, width=2)
-        d.text((W - right + 42, ly), init, fill="black", font=small, anchor="lm")
+        xy = [(X(n), Y(m)) for n, m, _, _ in series[init]]
+        sweep.draw_series(d, xy, sweep.COLOURS[i % len(sweep.COLOURS)], init, i, (W - right, top), small)
     img.convert("RGB").save(path)
 
 

@@ -199,16 +199,25 @@ def plot(rows: list[dict], metric: str, path: Path, title: str) -> None:
         colour = COLOURS[i % len(COLOURS)]
         pts = sorted((r["mask_ratio"], 100 * r[metric]) for r in rows
                      if r["pretrain_epochs"] == epochs and math.isfinite(r[metric]))  # fmt: skip
-        xy = [(X(a), Y(b)) for a, b in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=colour, width=2)
-        for x, y in xy:
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        ly = top + 10 + 22 * i
-        d.line([W - right + 12, ly, W - right + 36, ly], fill=colour, width=2)
-        d.ellipse([W - right + 20, ly - 4, W - right + 28, ly + 4], fill=colour)
-        d.text((W - right + 42, ly), f"{epochs} epochs", fill="black", font=small, anchor="lm")
+        draw_series(d, [(X(a), Y(b)) for a, b in pts], colour, f"{epochs} epochs", i, (W - right, top), small,
+                    legend_dot=True)  # fmt: skip
     img.save(path)
+
+
+def draw_series(
+    d, xy: list, colour: tuple, label: str, row: int, corner: tuple, font, legend_dot: bool = False
+) -> None:
+    """One series of a plot: a line through the points ``xy`` with a dot at each, and its legend entry in row ``row``
+    right of the plot area, whose top right corner is ``corner`` (a line, a dot if ``legend_dot``, the label)."""
+    if len(xy) > 1:
+        d.line(xy, fill=colour, width=2)
+    for x, y in xy:
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+    x0, ly = corner[0], corner[1] + 10 + 22 * row
+    d.line([x0 + 12, ly, x0 + 36, ly], fill=colour, width=2)
+    if legend_dot:
+        d.ellipse([x0 + 20, ly - 4, x0 + 28, ly + 4], fill=colour)
+    d.text((x0 + 42, ly), label, fill="black", font=font, anchor="lm")
 
 
 # --------------------------------------------------------------------------------------- main
