@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from bundle_runner import REPO
+from orthanc import free_port
 from test_bundle_conformance import CASES
 
 VENV = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
@@ -42,12 +42,6 @@ def monailabel_missing() -> str | None:
     if not (VENV / "bin" / "monailabel").is_file():
         return f"MONAI Label is not installed in {VENV} (docs/MONAI_LABEL.md)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 600) -> bytes:
