@@ -145,34 +145,46 @@ def test_loss_log_keeps_each_epoch_once_after_a_resume(tmp_path):
         fresh.run([1, 2], max_epochs=1)
 
 
-def _resume_on_rank(rank: int, store: str, ckpt_dirs: list, answers) -> None:
+def _resume_on_rank(rank: int, store: str, ckpt_dirs: list) -> str:
+    """What ``attach_resume`` answers on ``rank`` of a gloo run over ``store``: the file it resumes from, or its error."""
+    import datetime
+
     import torch.distributed as dist
 
     from selfmedmae_components.handlers import attach_resume
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(ckpt_dirs))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(ckpt_dirs),
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
         path = attach_resume(Engine(lambda e, b: None), True, ckpt_dirs[rank], "mae", {"model": torch.nn.Linear(1, 1)})
-        answers.put((rank, f"resumes from {Path(path).name}"))
+        return f"resumes from {Path(path).name}"
     except Exception as e:
-        answers.put((rank, f"{type(e).__name__}: {e}"))
+        return f"{type(e).__name__}: {e}"
     finally:
         dist.destroy_process_group()
 
 
+def _rank_1(store: str, ckpt_dirs: list, answers) -> None:
+    answers.put(_resume_on_rank(1, store, ckpt_dirs))
+
+
 def resume_in_two_processes(tmp_path, ckpt_dirs) -> dict:
+    """Rank 0 in this process (so that a mutation-testing run sees what it calls), rank 1 in a forked child."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
     answers = context.Queue()
     tmp_path.mkdir()
-    procs = [context.Process(target=_resume_on_rank, args=(r, str(tmp_path / "store"), ckpt_dirs, answers))
-             for r in range(2)]  # fmt: skip
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    return dict(answers.get(timeout=5) for _ in procs)
+    store = str(tmp_path / "store")
+    child = context.Process(target=_rank_1, args=(store, ckpt_dirs, answers))
+    child.start()
+    try:
+        rank_0 = _resume_on_rank(0, store, ckpt_dirs)
+        return {0: rank_0, 1: answers.get(timeout=60)}
+    finally:
+        child.join(60)
+        if child.is_alive():
+            child.kill()
 
 
 def test_the_ranks_of_a_run_resume_from_one_checkpoint_or_none(tmp_path):
@@ -188,9 +200,79 @@ def test_the_ranks_of_a_run_resume_from_one_checkpoint_or_none(tmp_path):
         0: "resumes from mae_checkpoint_epoch=4.pt", 1: "resumes from mae_checkpoint_epoch=4.pt"}  # fmt: skip
     answers = resume_in_two_processes(tmp_path / "b", [str(shared), str(stale)])
     for rank in (0, 1):
-        assert "would not resume from one checkpoint" in answers[rank], answers
-        assert "rank 0: " + str(shared / "mae_checkpoint_epoch=4.pt") in answers[rank]
-        assert "rank 1: " + str(stale / "mae_checkpoint_epoch=2.pt") in answers[rank]
+        assert answers[rank].startswith("FileNotFoundError: resume=true: the processes would not resume from one "
+                                        "checkpoint (rank 0: "), answers  # fmt: skip
+        assert "rank 0: " + str(shared / "mae_checkpoint_epoch=4.pt") + "; rank 1: " + str(
+            stale / "mae_checkpoint_epoch=2.pt") + "). ckpt_dir (bundle_root) must be one folder" in answers[rank]  # fmt: skip
+        assert answers[rank].endswith("every node shares."), answers[rank]
     answers = resume_in_two_processes(tmp_path / "c", [str(shared), str(tmp_path / "empty")])
     assert answers[1].startswith("FileNotFoundError: resume=true but no 'mae_checkpoint_epoch=N.pt'")
-    assert "rank 1: resume=true but no" in answers[0] and "every node shares" in answers[0]
+    assert answers[0].startswith("FileNotFoundError: resume=true: the processes would not resume from one "
+                                 "checkpoint (rank 1: resume=true but no"), answers[0]  # fmt: skip
+    assert "rank 0" not in answers[0]  # only the rank that failed is named
+    assert "every node shares" in answers[0]
+
+
+def _checkpoints(folder: Path, epochs, net=None) -> None:
+    folder.mkdir(exist_ok=True)
+    for epoch in epochs:
+        state = (net or torch.nn.Linear(1, 1)).state_dict()
+        torch.save({"model": state, "epoch": torch.tensor(epoch)}, folder / f"mae_checkpoint_epoch={epoch}.pt")
+
+
+def test_resume_loads_the_newest_checkpoint_by_epoch_number_when_the_engine_starts(tmp_path, capsys):
+    from selfmedmae_components.handlers import attach_resume
+
+    _checkpoints(tmp_path, (2, 9))
+    newest = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        newest.weight.fill_(7.0)
+    torch.save({"model": newest.state_dict()}, tmp_path / "mae_checkpoint_epoch=10.pt")  # 10 > 9, though "1" < "9"
+    _checkpoints(tmp_path / "other", (99,))  # another prefix's and another folder's files are not candidates
+    torch.save({"model": torch.nn.Linear(1, 1).state_dict()}, tmp_path / "finetune_checkpoint_epoch=50.pt")
+
+    net, engine = torch.nn.Linear(1, 1), Engine(lambda e, b: None)
+    path = attach_resume(engine, "true", str(tmp_path), "mae", {"model": net}, map_location="cpu")
+    assert path == str(tmp_path / "mae_checkpoint_epoch=10.pt")
+    assert f"Resuming from {path}" in capsys.readouterr().out
+    assert net.weight.item() != 7.0  # loaded when the run starts, not at attach
+    engine.run([0], max_epochs=1)
+    assert net.weight.item() == 7.0
+
+
+@pytest.mark.parametrize("resume", [False, "false", 0, "off"])
+def test_no_resume_attaches_nothing(tmp_path, resume):
+    from selfmedmae_components.handlers import attach_resume
+
+    _checkpoints(tmp_path, (3,))
+    engine, net = Engine(lambda e, b: None), torch.nn.Linear(1, 1)
+    before = net.weight.detach().clone()
+    assert attach_resume(engine, resume, str(tmp_path), "mae", {"model": net}) is None
+    engine.run([0], max_epochs=1)
+    assert torch.equal(net.weight, before)
+
+
+def test_resume_without_a_checkpoint_or_with_an_unreadable_name_says_which(tmp_path):
+    from selfmedmae_components.handlers import attach_resume
+
+    engine, state = Engine(lambda e, b: None), {"model": torch.nn.Linear(1, 1)}
+    with pytest.raises(FileNotFoundError) as error:
+        attach_resume(engine, True, str(tmp_path), "mae", state)
+    assert str(error.value) == f"resume=true but no 'mae_checkpoint_epoch=N.pt' in {tmp_path} to resume from."
+    _checkpoints(tmp_path, (1,))
+    (tmp_path / "mae_checkpoint_epoch=last.pt").write_bytes(b"")
+    with pytest.raises(ValueError) as error:
+        attach_resume(engine, True, str(tmp_path), "mae", state)
+    assert str(error.value) == (
+        f"resume=true: cannot read the epoch of {[str(tmp_path / 'mae_checkpoint_epoch=last.pt')]}; "
+        "expected 'mae_checkpoint_epoch=N.pt'."
+    )
+
+
+def test_score_of_reads_the_number_after_the_last_equals_sign():
+    from selfmedmae_components.checkpointing import score_of
+
+    assert score_of(Path("a=b/mae_checkpoint_epoch=12.pt")) == 12
+    assert score_of(Path("x=1_checkpoint_epoch=3.pt")) == 3
+    assert score_of(Path("mae_checkpoint_epoch=best.pt")) is None
+    assert score_of(Path("mae_checkpoint_epoch=-1.pt")) is None

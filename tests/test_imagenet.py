@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfmedmae_components.imagenet import load_imagenet_vit
+from selfmedmae_components.weights.imagenet import load_imagenet_vit, read_checkpoint, to_timm_names
 from selfmedmae_components.networks import UNETR, ViTClassifier
 from selfmedmae_components.weights import CheckpointError, init_encoder
 
@@ -183,13 +183,6 @@ def test_safetensors_file(tmp_path):
     assert torch.equal(net.encoder.cls_token, sd["cls_token"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("safetensors") is not None, reason="safetensors installed")
-def test_safetensors_without_the_package_says_what_to_install(tmp_path):
-    (tmp_path / "vit.safetensors").write_bytes(b"\0" * 16)
-    with pytest.raises(CheckpointError, match="pip install safetensors"):
-        load_imagenet_vit(classifier(), tmp_path / "vit.safetensors")
-
-
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -239,3 +232,115 @@ def test_bundle_builds_the_network_with_init_mode_imagenet(tmp_path):
                    "pretrained_checkpoint": str(tmp_path / "vit_b16.pth"), "bundle_root": str(tmp_path)})  # fmt: skip
     net = parser.get_parsed_content("network")
     assert torch.equal(net.encoder.blocks[3].norm2.weight, sd["blocks.3.norm2.weight"])
+
+
+def test_the_report_names_each_conversion(tmp_path):
+    torch.save(timm_vit(), tmp_path / "vit.pth")
+    flat = load_imagenet_vit(classifier(), tmp_path / "vit.pth")
+    assert flat.conversions == [
+        "patch embedding (48, 3, 16, 16) -> (48, 3, 16, 16): kept RGB",
+        "position grid 14x14 -> 14x14 (bicubic); cls row copied",
+    ]
+    volume = load_imagenet_vit(unetr((64, 48, 32)), tmp_path / "vit.pth")
+    assert volume.conversions == [
+        "patch embedding (48, 3, 16, 16) -> (48, 1, 16, 16, 16): RGB summed / 1, repeated over depth / 16 (I3D)",
+        "position grid 14x14 -> 4x3x2 (bicubic in-plane, repeated over depth); cls row copied",
+    ]
+    assert volume.source == f"{tmp_path / 'vit.pth'} (ImageNet ViT)"
+    assert str(volume).splitlines()[0] == f"Weight transfer from {tmp_path / 'vit.pth'} (ImageNet ViT):"
+    assert str(volume).splitlines()[-2:] == ["  converted   " + c for c in volume.conversions]
+
+
+def test_global_pool_checkpoints_give_their_fc_norm_as_the_final_norm(tmp_path):
+    """timm's global-pool ViTs (e.g. MAE's fine-tuned ones) keep the final norm as fc_norm."""
+    sd = timm_vit()
+    sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")
+    torch.save(sd, tmp_path / "gap.pth")
+    net = classifier()
+    report = load_imagenet_vit(net, tmp_path / "gap.pth")
+    assert torch.equal(net.encoder.norm.weight, sd["fc_norm.weight"])
+    assert torch.equal(net.encoder.norm.bias, sd["fc_norm.bias"])
+    assert "fc_norm.weight" not in report.dropped
+
+
+def test_a_position_table_without_a_cls_row_gets_a_zero_one(tmp_path):
+    sd = timm_vit()
+    sd["pos_embed"] = sd["pos_embed"][:, 1:].clone()  # timm's no_embed_class models
+    torch.save(sd, tmp_path / "vit.pth")
+    net = classifier()
+    load_imagenet_vit(net, tmp_path / "vit.pth")
+    assert torch.equal(net.encoder.pos_embed[0, 0], torch.zeros(WIDTH))
+    assert torch.equal(net.encoder.pos_embed[0, 1:], sd["pos_embed"][0])
+
+    sd["pos_embed"] = sd["pos_embed"][:, 1:]  # 195 rows: neither a square grid nor one with a cls row
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_imagenet_vit(classifier(), tmp_path / "odd.pth")
+    assert str(error.value) == "pos_embed of length 195 is not a square patch grid (with or without a cls row)."
+
+
+def test_half_precision_checkpoints_load_as_the_models_float32(tmp_path):
+    sd = {k: v.half() for k, v in timm_vit().items()}
+    torch.save(sd, tmp_path / "fp16.pth")
+    net = unetr((32, 32, 32))
+    load_imagenet_vit(net, tmp_path / "fp16.pth")
+    assert all(v.dtype == torch.float32 for v in net.state_dict().values())
+    assert torch.equal(net.encoder.blocks[1].norm1.weight, sd["blocks.1.norm1.weight"].float())
+
+
+def test_hugging_face_names_without_the_vit_prefix_and_unknown_dicts_unchanged():
+    sd = timm_vit(head=False)
+    hf = {k.removeprefix("vit."): v for k, v in to_hf({**sd, "head.weight": 0, "head.bias": 0}).items()}
+    hf["pooler.dense.weight"] = torch.zeros(WIDTH, WIDTH)  # ViTModel's pooler: kept, dropped later by the loader
+    converted = to_timm_names(hf)
+    assert set(converted) == set(sd) | {"classifier.weight", "classifier.bias", "pooler.dense.weight"}
+    for key, value in sd.items():
+        assert torch.equal(converted[key], value), key
+    assert to_timm_names(sd) is sd  # already timm
+    other = {"conv1.weight": torch.zeros(1)}
+    assert to_timm_names(other) is other  # not recognised: the loader says what is missing
+
+
+def test_a_missing_tensor_and_a_wrong_shape_name_the_tensor(tmp_path):
+    sd = timm_vit()
+    del sd["blocks.1.mlp.fc2.bias"]
+    torch.save(sd, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_imagenet_vit(classifier(), tmp_path / "cut.pth")
+    assert str(error.value) == (
+        f"{tmp_path / 'cut.pth'} does not match the ViT encoder: missing ['blocks.1.mlp.fc2.bias (for "
+        "blocks.1.mlp.linear2.bias)']; block tensors this encoder has no place for (layer scale, other variants) []"
+    )
+    sd = timm_vit()
+    sd["blocks.0.mlp.fc1.weight"] = torch.zeros(2 * WIDTH, WIDTH)  # an MLP ratio of 2
+    torch.save(sd, tmp_path / "mlp2.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_imagenet_vit(classifier(), tmp_path / "mlp2.pth")
+    assert str(error.value) == (
+        f"{tmp_path / 'mlp2.pth'} does not fit the encoder after conversion: "
+        "['blocks.0.mlp.linear1.weight: (96, 48) vs model (192, 48)']"
+    )
+
+
+def test_a_network_without_a_vit_encoder_is_refused(tmp_path):
+    torch.save(timm_vit(), tmp_path / "vit.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_imagenet_vit(torch.nn.Linear(2, 2), tmp_path / "vit.pth")
+    assert str(error.value) == f"The network has no ViT 'encoder' to load {tmp_path / 'vit.pth'} into."
+
+
+def test_safetensors_files_need_the_package_exist_and_parse(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as error:
+        read_checkpoint(tmp_path / "absent.safetensors")
+    assert str(error.value) == (
+        f"Checkpoint not found: {tmp_path / 'absent.safetensors'}. Give the ImageNet ViT-B/16 weights you downloaded."
+    )
+    (tmp_path / "vit.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{broken}")
+    monkeypatch.setitem(__import__("sys").modules, "safetensors.torch", None)  # as if not installed
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(tmp_path / "vit.safetensors")
+    assert str(error.value).startswith(f"{tmp_path / 'vit.safetensors'} is a .safetensors file: `pip install safetensors`")
+    monkeypatch.undo()
+    if importlib.util.find_spec("safetensors") is not None:
+        with pytest.raises(CheckpointError, match=r"^Cannot read .*vit\.safetensors as safetensors: "):
+            read_checkpoint(tmp_path / "vit.safetensors")
