@@ -78,7 +78,9 @@ def _plain(value: Any) -> bool:
     return False
 
 
-# a reference to a top-level id (also inside `$` expressions); `@train#data` (an item of a section) is not one
+# a reference to a top-level id (also inside `$` expressions); `@train#data` (an item of a section, as written in a
+# config file) is not one. Once MONAI has parsed a config its values use the separator `::`: `@train::data` reads as
+# a reference to `train`, which is what _derived needs (a section is never a setting, so neither is what uses it)
 TOP_LEVEL_REF = re.compile(r"@([A-Za-z_]\w*)(?![\w#])")
 
 
@@ -93,17 +95,13 @@ def top_level_refs(value: Any) -> set[str]:
     return set()
 
 
-def _has_section_refs(value: Any) -> bool:
-    return isinstance(value, str) and re.search(r"@[A-Za-z_]\w*#", value) is not None
-
-
 def _derived(config: dict, key: str, seen: set[str]) -> bool:
     """Whether top-level ``key`` is plain data or an expression computed from such ids only (no sections,
     no components): safe to resolve, e.g. ``pixel_mean: $[0.5] * @in_channels``."""
     value = config.get(key)
     if _plain(value):
         return True
-    if not isinstance(value, str) or not value.startswith(("$", "@")) or _has_section_refs(value) or key in seen:
+    if not isinstance(value, str) or not value.startswith(("$", "@")) or key in seen:
         return False
     seen = seen | {key}
     return all(ref in config and _derived(config, ref, seen) for ref in top_level_refs(value))
