@@ -4,12 +4,17 @@ Our code names the file and what was expected when a dataset, datalist, checkpoi
 setting is wrong. Under ``python -m monai.bundle run`` MONAI wraps such an error in its
 ``RuntimeError("Failed to evaluate ...")`` / ``("Failed to instantiate ...")`` chain, so the
 console showed 60-280 lines of config-machinery traceback with the message somewhere inside.
-Importing ``selfmedmae_components`` (every bundle config does, and so do the ``tools/``) installs
-:func:`excepthook`; when the uncaught exception is a user error, alone or inside MONAI's wrappers,
-stderr gets two lines and the exit status stays 1::
+:func:`install` makes :func:`excepthook` the process's ``sys.excepthook``; when the uncaught exception is
+a user error, alone or inside MONAI's wrappers, stderr gets two lines and the exit status stays 1::
 
     Full traceback: /tmp/selfmedmae-error-20260101-120000-4242.txt (SELFMEDMAE_TRACEBACK=1 prints it here)
     error: Checkpoint not found: /data/models/model.pt. Check the path, or run the stage that writes it first.
+
+Importing the package installs nothing (a program or a test that imports it keeps its own hook). Whoever
+runs calls :func:`install`: every bundle config's first ``run`` expression,
+``$selfmedmae_components.errors.install()``, before anything that can fail is resolved (MONAI resolves
+nothing before ``run`` in our configs: no ``initialize``; the multi-GPU layers' ``initialize`` only sets
+up torch.distributed), and the ``main`` of each tool in ``tools/`` that uses the package.
 
 A user error is a :class:`UserError` (``DatasetError`` and ``CheckpointError`` are ones), or a
 ``ValueError`` / ``FileNotFoundError`` / ``NotADirectoryError`` raised by a ``raise`` statement in

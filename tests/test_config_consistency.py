@@ -90,9 +90,11 @@ def test_runs_set_up_the_device_in_one_place(bundle):
     for stage in STAGES:
         config = load(bundle, stage)
         assert config["deterministic"] is False
+        # first the short form of a user error (errors.py: importing the package installs nothing), then seeds
+        assert config["run"][0] == "$selfmedmae_components.errors.install()"
         assert (
-            config["run"][0].startswith("$selfmedmae_components.engines.setup_run(")
-            and "@deterministic)" in config["run"][0]
+            config["run"][1].startswith("$selfmedmae_components.engines.setup_run(")
+            and "@deterministic)" in config["run"][1]
         )
     for stage in ("pretrain", "finetune"):
         config = load(bundle, stage)

@@ -79,6 +79,22 @@ def test_prepare_tools_end_with_a_clean_error(tmp_path, tool, args):
     assert len(proc.stderr.strip().splitlines()) == 2
 
 
+def test_importing_the_package_changes_no_hook():
+    """The short form is the bundle run's and the tools' choice (their first step installs it), not a side effect of
+    ``import selfmedmae_components``: a program or test that imports the package keeps its own sys.excepthook."""
+    code = (
+        "import logging, sys\n"
+        "hook = sys.excepthook\n"
+        "import monai, selfmedmae_components, selfmedmae_components.bundle  # what a bundle config imports\n"
+        "assert sys.excepthook is hook, sys.excepthook\n"
+        "assert not logging.getLogger('monai.handlers.StatsHandler').filters\n"
+        "selfmedmae_components.errors.install()  # what the configs' first `run` expression and the tools do\n"
+        "assert sys.excepthook is not hook and logging.getLogger('monai.handlers.StatsHandler').filters\n"
+    )
+    proc = run([sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_damaged_datalist_is_named(tmp_path):
     from selfmedmae_components.data.common import load_datalist
 

@@ -76,7 +76,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from selfmedmae_components import registry  # noqa: E402
+from selfmedmae_components import errors, registry  # noqa: E402
 from selfmedmae_components.engines import (  # noqa: E402
     AutocastInferer,
     MAETrainingStep,
@@ -780,6 +780,7 @@ def main(
     out: str | None = None,
 ) -> None:
     """Run the benchmark; see the module docstring. ``--out results.json`` writes every number."""
+    errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     preset = registry.get(preset).name  # an alias (cxr) or a bundle folder names its dataset; unknown: ValueError
     if threads:
         torch.set_num_threads(int(threads))

@@ -467,6 +467,9 @@ def main(
     (btcv, brats) or 500 images (cxr14). ``--repo`` measures another checkout's bundles and components on the
     cases listed in ``--items_file`` (JSON: bundle -> datalist items); ``--baseline`` uses both."""
     global REPO
+    from selfmedmae_components import errors
+
+    errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     if measure_cache:  # one row of --caches, in its own process
         args = json.loads(measure_cache) if isinstance(measure_cache, str) else measure_cache  # fire may parse it
         print(json.dumps(measure_cache_row(*args)))

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from selfmedmae_components import registry  # noqa: E402
+from selfmedmae_components import errors, registry  # noqa: E402
 from selfmedmae_components.bundle_utils import as_bool  # noqa: E402
 
 # MONAI StatsHandler's iteration line, e.g. "Epoch: 3/40, Iter: 5/10 -- train_loss: 0.8123 ", and the
@@ -200,6 +200,7 @@ def main(bundles: str | tuple = tuple(d.bundle for d in registry.DATASETS if d.d
          amp: bool | str | None = None) -> None:  # fmt: skip
     """Run the demo for the given bundles (comma-separated or a list; bundle folders or dataset names) into
     ``workdir``; ``amp`` overrides the configs' mixed-precision switch (``--amp False``: float32 throughout)."""
+    errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     names = bundles.split(",") if isinstance(bundles, str) else list(bundles)
     unknown = [b for b in names if registry.find(b) is None]
     if unknown:

@@ -420,6 +420,9 @@ def export_bundle(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selfmedmae_components import errors
+
+    errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", nargs="?", help="bundle name under bundles/ (btcv_seg, brats_seg, cxr14_cls) or a bundle "
                         "folder; optional with --run (the run record names it)")  # fmt: skip

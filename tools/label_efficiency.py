@@ -61,7 +61,7 @@ for path in (TOOLS, REPO):
 
 import sweep  # noqa: E402  (tools/sweep.py: the bundle runner and plotting helpers shared by the experiment tools)
 
-from selfmedmae_components import registry  # noqa: E402
+from selfmedmae_components import errors, registry  # noqa: E402
 from selfmedmae_components.paired_stats import holm, mean_ci, paired_test  # noqa: E402
 
 INITS = ("scratch", "mae", "imagenet")
@@ -695,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     a = build_parser().parse_args(argv)
     command = "python tools/label_efficiency.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     study(a, command)

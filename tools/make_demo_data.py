@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from selfmedmae_components import registry  # noqa: E402
+from selfmedmae_components import errors, registry  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
+    errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python tools/make_demo_data.py DATASET FOLDER [options]   (DATASET --help: all its options)\n")

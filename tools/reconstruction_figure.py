@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from selfmedmae_components import registry  # noqa: E402
+from selfmedmae_components import errors, registry  # noqa: E402
 
 ROWS = ("original", "masked", "reconstruction")
 GAP, LABEL_WIDTH, HEADER = 4, 110, 20
@@ -175,6 +175,7 @@ def make_figure(
 
 
 def main(argv: list[str] | None = None) -> None:
+    errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
