@@ -102,9 +102,9 @@ class SegmentationReport:
 
     def _collect_names(self, engine: Engine) -> None:
         for item in engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]:
-            image = item["image"]
-            name = image.meta.get("filename_or_obj", f"case{len(self._cases)}") if isinstance(image, MetaTensor) else ""
-            self._cases.append(Path(str(name)).name)
+            image, number = item["image"], f"case{len(self._cases)}"  # a case without a file name: its number
+            name = image.meta.get("filename_or_obj", number) if isinstance(image, MetaTensor) else number
+            self._cases.append(Path(str(name)).name or number)
 
     def __call__(self, engine: Engine) -> None:
         details = engine.state.metric_details

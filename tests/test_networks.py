@@ -276,3 +276,36 @@ def test_tokens_to_volume_puts_each_token_at_its_grid_position():
     vol = unetr.tokens_to_volume(x)
     for i, j, k in ((0, 0, 0), (1, 2, 3), (0, 1, 2)):
         assert torch.equal(vol[:, :, i, j, k], x[:, (i * 3 + j) * 4 + k])
+
+
+@pytest.mark.parametrize("skips", [(0, 1, 2), (-1, 0, 1), (0, 1)])
+def test_unetr_refuses_skips_that_are_not_three_block_outputs(skips):
+    with pytest.raises(ValueError) as error:
+        UNETR(1, 2, 32, hidden_size=24, num_layers=2, num_heads=4, skip_hidden_states=skips)
+    assert str(error.value) == f"skip_hidden_states must be three 0-based block-output indices in 0..1, got {skips}."
+
+
+def test_unetr_passes_its_mlp_ratio_to_the_encoder():
+    net = UNETR(1, 2, 32, hidden_size=24, num_layers=2, num_heads=4, mlp_ratio=2.0, skip_hidden_states=(0, 1, 1))
+    assert all(b.mlp.linear1.out_features == 48 for b in net.encoder.blocks)
+
+
+def test_mae_decoder_takes_the_mask_token_in_the_autocast_dtype():
+    """Under bf16 autocast the mask token joins the embedded visible tokens in bf16 (the concatenation stays bf16,
+    half the memory), so the decoder sees it rounded to bf16: 1 + 2^-12 arrives as 1.0."""
+    from selfmedmae_components.networks import MaskedAutoencoder
+
+    mae = MaskedAutoencoder(1, 32, 16, 3, hidden_size=24, num_layers=1, num_heads=4, decoder_hidden_size=24,
+                            decoder_num_layers=1, decoder_num_heads=4, mask_ratio=0.75)  # fmt: skip
+    with torch.no_grad():
+        mae.mask_token.fill_(1 + 2**-12)
+        mae.decoder_pos_embed.zero_()
+    seen = []
+    mae.decoder_blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    latent, ids_restore = torch.randn(1, 1 + 2, 24), torch.arange(8)[None]  # 2 visible, 6 masked
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            mae.forward_decoder(latent, ids_restore)
+    float32, bf16 = seen
+    assert torch.equal(float32[0, 3:], torch.full((6, 24), 1 + 2**-12))  # positions 2..7 (after the cls row)
+    assert torch.equal(bf16[0, 3:].float(), torch.ones(6, 24))

@@ -26,6 +26,7 @@ from selfmedmae_components.engines import (
     cpu_supports_bf16,
     maybe_compile,
     precision_choice,
+    set_determinism,
     setup_run,
 )
 from selfmedmae_components.networks import MaskedAutoencoder
@@ -209,6 +210,9 @@ def test_setup_run_seeds_every_run_alike(monkeypatch):
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     setup_run(0, "cpu")
     assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    set_determinism(0, deterministic=True)
+    set_determinism(0)  # the default: cuDNN autotunes (benchmark mode), as setup_run's
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
 
 
 def test_compile_only_when_asked():
@@ -266,3 +270,30 @@ def test_a_batch_that_fits_goes_through_whole():
     batch = {"image": torch.zeros(4, 1), "label": torch.zeros(4, 1)}
     (part, share), *rest = TrainingStep(micro_batch_size=4).micro_batches(batch)
     assert part is batch and share == 1.0 and not rest
+
+
+def test_under_ddp_the_parts_before_the_last_accumulate_without_an_all_reduce():
+    """DistributedDataParallel all-reduces in every backward outside ``no_sync()``: only the last part may run
+    outside it, so the gradients are all-reduced once, over the whole batch."""
+    import contextlib
+
+    class Wrapped(torch.nn.Linear):  # the no_sync() of a DDP module, recorded
+        syncing, seen = True, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing = False
+            try:
+                yield
+            finally:
+                self.syncing = True
+
+        def forward(self, x):
+            self.seen.append(self.syncing)
+            return super().forward(x)
+
+    net = Wrapped(2, 1)
+    engine = SimpleNamespace(network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), non_blocking=False,
+                             loss_function=lambda p, y: p.float().mean(), state=SimpleNamespace(device=CPU))  # fmt: skip
+    TrainingStep(micro_batch_size=2)(engine, {"image": torch.ones(5, 2), "label": torch.ones(5, 1)})
+    assert net.seen == [False, False, True]

@@ -129,3 +129,32 @@ def test_hd95_of_a_collated_batch_and_of_a_given_spacing():
         warnings.simplefilter("always")
         assert math.isnan(metric([empty], [empty]).item())
     assert not [w for w in caught if "is all 0" in str(w.message)]
+
+
+def test_report_names_each_case_by_its_file_or_else_its_number(tmp_path):
+    report = SegmentationReport(str(tmp_path), ["a"])
+    engine = Engine(lambda e, batch: None)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "metric_details", {"dice": torch.ones(4, 1)}))
+    report.attach(engine)
+    named = MetaTensor(torch.zeros(1), meta={"filename_or_obj": "/data/imagesTs/img0007.nii.gz"})
+    batch = [{"image": named}, {"image": torch.zeros(1)}, {"image": MetaTensor(torch.zeros(1))},
+             {"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": ""})}]  # fmt: skip
+    engine.run([batch], max_epochs=1)
+    rows = (tmp_path / "per_case.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["img0007.nii.gz", "case1", "case2", "case3"]
+
+
+def test_hd95_hides_only_the_empty_class_warning(monkeypatch):
+    """Empty classes are NaN on purpose (the report counts them); any other warning of the computation shows."""
+    import monai.metrics.hausdorff_distance as monai_hd
+
+    original = monai_hd.compute_hausdorff_distance
+
+    def warns_too(*args, **kwargs):
+        warnings.warn("the spacing looks odd", UserWarning)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(monai_hd, "compute_hausdorff_distance", warns_too)
+    case = one_voxel((1, 1, 1), (1.0, 1.0, 1.0))
+    with pytest.warns(UserWarning, match="the spacing looks odd"):
+        HausdorffDistanceMMMetric(include_background=False, percentile=95)([case], [case])
