@@ -276,3 +276,68 @@ def test_score_of_reads_the_number_after_the_last_equals_sign():
     assert score_of(Path("x=1_checkpoint_epoch=3.pt")) == 3
     assert score_of(Path("mae_checkpoint_epoch=best.pt")) is None
     assert score_of(Path("mae_checkpoint_epoch=-1.pt")) is None
+
+
+def test_files_hold_the_state_are_written_beside_their_target_and_readable_by_the_group(tmp_path, monkeypatch):
+    folders, real_save = [], torch.save
+    monkeypatch.setattr(
+        torch, "save", lambda obj, f, **kw: folders.append(Path(f.name).parent) or real_save(obj, f, **kw)
+    )
+    net = torch.nn.Linear(2, 2)
+    engine = make_engine(net)
+    make_saver(tmp_path, net).attach(engine)
+    engine.run([1, 2], max_epochs=1)
+    assert folders == [tmp_path] * 3  # the rename stays on one filesystem: atomic
+    for name in ("final.pt", "best.pt", "mae_checkpoint_epoch=1.pt"):
+        saved = torch.load(tmp_path / name, weights_only=True)
+        assert torch.equal(saved["model"]["weight"], net.weight), name
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name  # mkstemp's 0600 plus group and other read
+
+
+def test_a_checkpoint_removed_by_hand_does_not_stop_the_run(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    engine = make_engine(net)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net, "opt": engine.optimizer}, file_prefix="mae",  # positional
+                          save_interval=1, n_saved=1).attach(engine)  # fmt: skip
+    engine.add_event_handler(Events.EPOCH_STARTED(once=2), lambda e: (tmp_path / "mae_checkpoint_epoch=1.pt").unlink())
+    engine.run([1, 2], max_epochs=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mae_checkpoint_epoch=3.pt"]
+
+
+def resumed_run(tmp_path, n_saved, epochs=(1, 2)) -> list:
+    """Resume at epoch 2 of 4 in a folder where the interrupted run left ``epochs``; the interval checkpoints
+    present after each new epoch."""
+    net = torch.nn.Linear(2, 2)
+    for epoch in epochs:
+        torch.save({"model": net.state_dict()}, tmp_path / f"mae_checkpoint_epoch={epoch}.pt")
+    engine = make_engine(net)
+    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net, "opt": engine.optimizer},
+                          file_prefix="mae", save_interval=1, n_saved=n_saved).attach(engine)  # fmt: skip
+    engine.add_event_handler(Events.STARTED, resume_at_epoch_2)
+    seen = []
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda e: seen.append(sorted(p.name[-6:-3] for p in tmp_path.glob("mae_*")))
+    )
+    engine.run([1, 2])
+    return seen
+
+
+def test_a_resumed_run_keeps_n_saved_across_the_restart(tmp_path, caplog):
+    caplog.set_level("INFO")
+    (tmp_path / "two").mkdir()
+    assert resumed_run(tmp_path / "two", n_saved=2) == [["h=2", "h=3"], ["h=3", "h=4"]]
+    removed = [r.getMessage() for r in caplog.records if "superseded" in r.getMessage()]
+    assert removed == [f"Removing {tmp_path / 'two' / f'mae_checkpoint_epoch={n}.pt'}: superseded by this resumed "
+                       "run's checkpoint (n_saved=2)." for n in (1, 2)]  # fmt: skip
+    (tmp_path / "all").mkdir()  # n_saved None: every checkpoint is kept, the interrupted run's too
+    assert resumed_run(tmp_path / "all", n_saved=None)[-1] == ["h=1", "h=2", "h=3", "h=4"]
+
+
+def test_a_single_object_savers_stale_temporary_file_is_removed_with_a_warning(tmp_path, caplog):
+    net = torch.nn.Linear(2, 2)
+    stale = tmp_path / ".mae_model_epoch=3.pt.x1y2.tmp"  # a saver of one object names its files after it
+    stale.write_bytes(b"PK\x03\x04 half")
+    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, file_prefix="mae", save_interval=1,
+                          n_saved=1).attach(make_engine(net))  # fmt: skip
+    assert not stale.exists()
+    assert f"Removing {stale}, left by a run that stopped while writing it." in [r.getMessage() for r in caplog.records]

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfmedmae_components.weights.imagenet import load_imagenet_vit, read_checkpoint, to_timm_names
 from selfmedmae_components.networks import UNETR, ViTClassifier
 from selfmedmae_components.weights import CheckpointError, init_encoder
+from selfmedmae_components.weights.imagenet import load_imagenet_vit, read_checkpoint, to_timm_names
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, DEPTH, HEADS = 48, 2, 4
@@ -339,7 +339,9 @@ def test_safetensors_files_need_the_package_exist_and_parse(tmp_path, monkeypatc
     monkeypatch.setitem(__import__("sys").modules, "safetensors.torch", None)  # as if not installed
     with pytest.raises(CheckpointError) as error:
         read_checkpoint(tmp_path / "vit.safetensors")
-    assert str(error.value).startswith(f"{tmp_path / 'vit.safetensors'} is a .safetensors file: `pip install safetensors`")
+    assert str(error.value).startswith(
+        f"{tmp_path / 'vit.safetensors'} is a .safetensors file: `pip install safetensors`"
+    )
     monkeypatch.undo()
     if importlib.util.find_spec("safetensors") is not None:
         with pytest.raises(CheckpointError, match=r"^Cannot read .*vit\.safetensors as safetensors: "):

@@ -151,7 +151,7 @@ def test_hd95_hides_only_the_empty_class_warning(monkeypatch):
     original = monai_hd.compute_hausdorff_distance
 
     def warns_too(*args, **kwargs):
-        warnings.warn("the spacing looks odd", UserWarning)
+        warnings.warn("the spacing looks odd", UserWarning, stacklevel=2)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(monai_hd, "compute_hausdorff_distance", warns_too)
