@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from selfmedmae_components.networks import UNETR, ViTClassifier
 from selfmedmae_components.weights import CheckpointError, init_encoder
-from selfmedmae_components.weights.imagenet import load_imagenet_vit, read_checkpoint, to_timm_names
+from selfmedmae_components.weights.imagenet import load_imagenet_vit, read_checkpoint, resample_pos_embed, to_timm_names
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, DEPTH, HEADS = 48, 2, 4
@@ -234,9 +234,12 @@ def test_bundle_builds_the_network_with_init_mode_imagenet(tmp_path):
     assert torch.equal(net.encoder.blocks[3].norm2.weight, sd["blocks.3.norm2.weight"])
 
 
-def test_the_report_names_each_conversion(tmp_path):
+def test_the_report_names_each_conversion(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
     torch.save(timm_vit(), tmp_path / "vit.pth")
     flat = load_imagenet_vit(classifier(), tmp_path / "vit.pth")
+    assert capsys.readouterr().out == str(flat) + "\n"  # printed, and logged
+    assert str(flat) in [r.getMessage() for r in caplog.records]
     assert flat.conversions == [
         "patch embedding (48, 3, 16, 16) -> (48, 3, 16, 16): kept RGB",
         "position grid 14x14 -> 14x14 (bicubic); cls row copied",
@@ -261,6 +264,10 @@ def test_global_pool_checkpoints_give_their_fc_norm_as_the_final_norm(tmp_path):
     assert torch.equal(net.encoder.norm.weight, sd["fc_norm.weight"])
     assert torch.equal(net.encoder.norm.bias, sd["fc_norm.bias"])
     assert "fc_norm.weight" not in report.dropped
+    sd["norm.weight"], sd["norm.bias"] = torch.ones(WIDTH), torch.zeros(WIDTH)  # both: fc_norm is a head's norm
+    torch.save(sd, tmp_path / "both.pth")
+    load_imagenet_vit(net, tmp_path / "both.pth")
+    assert torch.equal(net.encoder.norm.weight, torch.ones(WIDTH))
 
 
 def test_a_position_table_without_a_cls_row_gets_a_zero_one(tmp_path):
@@ -286,6 +293,7 @@ def test_half_precision_checkpoints_load_as_the_models_float32(tmp_path):
     load_imagenet_vit(net, tmp_path / "fp16.pth")
     assert all(v.dtype == torch.float32 for v in net.state_dict().values())
     assert torch.equal(net.encoder.blocks[1].norm1.weight, sd["blocks.1.norm1.weight"].float())
+    assert resample_pos_embed(sd["pos_embed"], (7, 7)).dtype == torch.float16  # the table keeps its dtype
 
 
 def test_hugging_face_names_without_the_vit_prefix_and_unknown_dicts_unchanged():
@@ -346,3 +354,39 @@ def test_safetensors_files_need_the_package_exist_and_parse(tmp_path, monkeypatc
     if importlib.util.find_spec("safetensors") is not None:
         with pytest.raises(CheckpointError, match=r"^Cannot read .*vit\.safetensors as safetensors: "):
             read_checkpoint(tmp_path / "vit.safetensors")
+
+
+def test_cls_token_flat_or_missing(tmp_path):
+    sd = timm_vit()
+    sd["cls_token"] = sd["cls_token"].flatten()  # (D,): reshaped to the model's (1, 1, D)
+    torch.save(sd, tmp_path / "flat.pth")
+    net = classifier()
+    load_imagenet_vit(net, tmp_path / "flat.pth")
+    assert torch.equal(net.encoder.cls_token.flatten(), sd["cls_token"])
+    del sd["cls_token"]
+    torch.save(sd, tmp_path / "nocls.pth")
+    with pytest.raises(CheckpointError, match=r"missing \['cls_token \(for cls_token\)'\]"):
+        load_imagenet_vit(classifier(), tmp_path / "nocls.pth")
+
+
+def test_an_encoder_that_is_not_a_vit_and_a_file_that_is_not_one_are_named(tmp_path):
+    torch.save(timm_vit(), tmp_path / "vit.pth")
+    net = torch.nn.Module()
+    net.encoder = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match=r"^The network has no ViT 'encoder' to load .*vit.pth into.$"):
+        load_imagenet_vit(net, tmp_path / "vit.pth")
+    keys = [f"layer{i}.weight" for i in range(10)]
+    torch.save({k: torch.zeros(1) for k in keys}, tmp_path / "cnn.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_imagenet_vit(classifier(), tmp_path / "cnn.pth")
+    assert str(error.value).endswith(f"First keys: {keys[:8]}")
+
+
+def test_hugging_face_block_tensors_of_unknown_kinds_are_named(tmp_path):
+    hf = to_hf(timm_vit())
+    hf["vit.encoder.layer.1.lambda_1.weight"] = torch.ones(WIDTH)  # a layer-scale variant
+    torch.save(hf, tmp_path / "hf_ls.bin")
+    with pytest.raises(
+        CheckpointError, match=r"no place for \(layer scale, other variants\) \['blocks.1.lambda_1.weight'\]"
+    ):
+        load_imagenet_vit(classifier(), tmp_path / "hf_ls.bin")
