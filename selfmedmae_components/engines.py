@@ -288,8 +288,8 @@ class MAETrainingStep(TrainingStep):
     """MAE pre-training step: the network returns (loss, pred, mask) for the images; no labels.
 
     The step owns the mask ratio of training: the bundles set it here (``mask_ratio`` of pretrain.yaml)
-    and pass it to the network at every step, so :meth:`mask_ratio_at` is where a schedule over
-    iterations would go. The network's own ``mask_ratio`` is only the default of direct calls.
+    and it is passed to the network at every step. The network's own ``mask_ratio`` is only the default
+    of direct calls.
 
     Args:
         mask_ratio: fraction of tokens masked, in [0, 1) (None: the network's default).
@@ -302,11 +302,7 @@ class MAETrainingStep(TrainingStep):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
         self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
 
-    def mask_ratio_at(self, engine: Any) -> float | None:
-        """The mask ratio of the engine's current step (constant; None: the network's default)."""
-        return self.mask_ratio
-
     def compute_loss(self, engine: Any, batchdata: dict) -> tuple[torch.Tensor, dict]:
         image, _ = _prepare(batchdata, engine)
-        loss, pred, mask = engine.network(image, self.mask_ratio_at(engine))
+        loss, pred, mask = engine.network(image, self.mask_ratio)
         return loss, {CommonKeys.IMAGE: image, CommonKeys.PRED: pred, "mask": mask}
