@@ -20,6 +20,7 @@ from . import (  # noqa: F401
     probe,
     run_record,
     tracking,
+    trained_settings,
     weights,
 )
 from .data import cache, common, dicom_input, msd  # noqa: F401

@@ -54,6 +54,33 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     return {k.removeprefix("module."): v for k, v in ckpt.items()}
 
 
+def load_weights(network: torch.nn.Module, path: str | Path, shown: int = 3) -> torch.nn.Module:
+    """Load the checkpoint ``path`` into ``network`` strictly; weights that do not fit are a one-line
+    :class:`CheckpointError` naming the file and the first ``shown`` misfits of each kind, not PyTorch's list of
+    every tensor. Returns ``network``."""
+    state = load_state_dict(path)
+    expected = network.state_dict()
+    shapes = [f"{k} {_shape(state[k])} in the file, {_shape(v)} in the network"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]  # fmt: skip
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misfits = [f"{len(found)} {what} ({'; '.join(found[:shown])}{', ...' if len(found) > shown else ''})"
+               for what, found in (("of another shape", shapes), ("missing", missing), ("unexpected", unexpected))
+               if found]  # fmt: skip
+    if misfits:
+        raise CheckpointError(
+            f"{path} does not fit the network this config builds: tensors {', '.join(misfits)}. Build the network the "
+            "weights were trained in: keep the training run's record (finetune_run.json) beside them, or give its "
+            "settings (--hidden_size, --roi_size, ...) as the training run had them."
+        )
+    network.load_state_dict(state, strict=True)
+    return network
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "[" + ", ".join(str(n) for n in tensor.shape) + "]"
+
+
 def _describe(head: bytes) -> str:
     """What the first bytes of a file look like, for an error message."""
     if not head:
