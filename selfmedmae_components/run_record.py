@@ -13,7 +13,8 @@ overrides of the run. The training configs call :func:`record_run` at the start 
 in), ``settings`` the value of every top-level id that is plain data (numbers, strings, flat lists) or an
 expression computed from such ids only (e.g. ``pixel_mean: $[0.5] * @in_channels``), after the config files
 were layered and the command-line overrides applied. ``tools/export_bundle.py --run``
-reads it to export a bundle whose configs build exactly that network.
+reads it to export a bundle whose configs build exactly that network; the evaluate and inference configs read
+the record beside their checkpoint to build it too (trained_settings.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 a Linear network whose weights were trained as Linear(4, 3), run through ``monai.bundle.run`` in this process
 as the command line runs it. Without a record the config decides; with one the network and preprocessing
 settings are the record's; a command-line override wins unless it contradicts the weights; a ConfigWorkflow
-made directly has no command line. The bundles' own evaluate and inference: tests/test_bundle_settings.py."""
+made directly has no command line. The bundles' own evaluate and inference: tests/test_bundle_settings.py
+(every bundle) and tests/test_bundle_btcv.py (a trained run)."""
 
 from __future__ import annotations
 
