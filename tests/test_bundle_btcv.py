@@ -6,10 +6,13 @@ demo preset made smaller still (32^3 crops at 8 mm); the tests then read what it
 
 import json
 import re
+import shutil
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
+import test_errors
 from bundle_runner import configs, read_losses, run_bundle, run_bundle_expect_error
 
 from selfmedmae_components.data import btcv
@@ -111,6 +114,62 @@ def test_inference_writes_label_maps_in_the_input_geometry(pipeline):
     np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
     values = np.unique(np.asarray(pred.dataobj))
     assert values.min() >= 0 and values.max() <= 13 and len(values) > 1
+
+
+def test_evaluate_and_inference_follow_the_weights_run_record(pipeline):
+    """Fine-tuned with network and crop overrides (TINY: width 48 on 32^3 crops at 8 mm, on the demo preset),
+    evaluated and run with the demo preset alone: the run record beside the weights (models/finetune_run.json)
+    gives the settings, and the metrics and label maps are those of the fixture's runs with the overrides
+    repeated (before: a 349-line traceback, "Error(s) in loading state_dict for UNETR")."""
+    data, out = pipeline
+    evaluate = run_bundle(
+        "evaluate",
+        configs("btcv_seg", "evaluate", "demo"),
+        dataset_dir=data,
+        bundle_root=out,
+        output_dir=out / "eval_record",
+    )
+    assert "Settings of the run that trained" in evaluate.stdout and "hidden_size 48 (config: 96)" in evaluate.stdout
+    assert json.loads((out / "eval_record/summary.json").read_text()) == json.loads(
+        (out / "eval/summary.json").read_text()
+    )
+    run_bundle(
+        "inference",
+        configs("btcv_seg", "inference", "demo"),
+        bundle_root=out,
+        input_dir=data / "RawData/Testing/img",
+        output_dir=out / "predictions_record",
+    )
+    given, recorded = (
+        np.asarray(nib.load(out / d / "img0061_seg.nii.gz").dataobj) for d in ("predictions", "predictions_record")
+    )
+    np.testing.assert_array_equal(recorded, given)
+
+
+def bundle_cmd(config: str, *args) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", config, "--config_file", configs("btcv_seg", config, "demo"), *map(str, args)]  # fmt: skip
+
+
+def test_an_override_that_contradicts_the_weights_is_a_one_line_error(pipeline):
+    data, out = pipeline
+    proc = test_errors.run(bundle_cmd("evaluate", "--dataset_dir", data, "--bundle_root", out, "--hidden_size", 96))
+    models = out / "models"
+    message = (f"--hidden_size 96 contradicts {models / 'finetune_run.json'} (hidden_size 48, the weights in "
+               f"{models / 'model.pt'} were trained with it): leave --hidden_size out")  # fmt: skip
+    test_errors.assert_short(proc, message).unlink()
+
+
+def test_weights_that_do_not_fit_are_a_one_line_error(pipeline, tmp_path):
+    """Without a record the config decides, as before records: the demo's network, which the weights do not fit."""
+    data, out = pipeline
+    shutil.copy(out / "models" / "model.pt", tmp_path / "model.pt")
+    proc = test_errors.run(
+        bundle_cmd("inference", "--bundle_root", out, "--input_dir", data / "RawData/Testing/img",
+                   "--output_dir", tmp_path / "out", "--checkpoint", tmp_path / "model.pt")
+    )  # fmt: skip
+    message = f"{tmp_path / 'model.pt'} does not fit the network this config builds: tensors "
+    test_errors.assert_short(proc, message).unlink()
+    assert "encoder.pos_embed [1, 9, 48] in the file, [1, 28, 96] in the network" in proc.stderr
 
 
 def test_wrong_dataset_dir_is_a_clear_error(tmp_path):
