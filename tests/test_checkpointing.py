@@ -220,7 +220,8 @@ def _checkpoints(folder: Path, epochs, net=None) -> None:
         torch.save({"model": state, "epoch": torch.tensor(epoch)}, folder / f"mae_checkpoint_epoch={epoch}.pt")
 
 
-def test_resume_loads_the_newest_checkpoint_by_epoch_number_when_the_engine_starts(tmp_path, capsys):
+def test_resume_loads_the_newest_checkpoint_by_epoch_number_when_the_engine_starts(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
     from selfmedmae_components.handlers import attach_resume
 
     _checkpoints(tmp_path, (2, 9))
@@ -235,6 +236,7 @@ def test_resume_loads_the_newest_checkpoint_by_epoch_number_when_the_engine_star
     path = attach_resume(engine, "true", str(tmp_path), "mae", {"model": net}, map_location="cpu")
     assert path == str(tmp_path / "mae_checkpoint_epoch=10.pt")
     assert f"Resuming from {path}" in capsys.readouterr().out
+    assert f"Resuming from {path}" in [r.getMessage() for r in caplog.records]  # and in the run's log
     assert net.weight.item() != 7.0  # loaded when the run starts, not at attach
     engine.run([0], max_epochs=1)
     assert net.weight.item() == 7.0
@@ -341,3 +343,21 @@ def test_a_single_object_savers_stale_temporary_file_is_removed_with_a_warning(t
                           n_saved=1).attach(make_engine(net))  # fmt: skip
     assert not stale.exists()
     assert f"Removing {stale}, left by a run that stopped while writing it." in [r.getMessage() for r in caplog.records]
+
+
+def test_an_iteration_level_saver_resumed_keeps_n_saved_in_iterations(tmp_path):
+    """save_interval counted in iterations (epoch_level=False): the interrupted run's files are those up to the
+    iteration it resumes from."""
+    net = torch.nn.Linear(2, 2)
+    for iteration in (2, 4):
+        torch.save({"model": net.state_dict()}, tmp_path / f"mae_checkpoint_iteration={iteration}.pt")
+    engine = make_engine(net)
+    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net, "opt": engine.optimizer},
+                          file_prefix="mae", save_interval=1, epoch_level=False, n_saved=1).attach(engine)  # fmt: skip
+    engine.add_event_handler(Events.STARTED, resume_at_epoch_2)  # iteration 4 of epoch_length 2
+    seen = []
+    engine.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: seen.append(sorted(p.name for p in tmp_path.glob("mae_*")))
+    )
+    engine.run([1, 2])
+    assert seen[:2] == [["mae_checkpoint_iteration=5.pt"], ["mae_checkpoint_iteration=6.pt"]]
