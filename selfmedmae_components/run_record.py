@@ -90,9 +90,9 @@ def top_level_refs(value: Any) -> set[str]:
     if isinstance(value, str):
         return set(TOP_LEVEL_REF.findall(value))
     if isinstance(value, dict):
-        return set().union(set(), *(top_level_refs(v) for v in value.values()))
+        return set().union(*(top_level_refs(v) for v in value.values()))
     if isinstance(value, (list, tuple)):
-        return set().union(set(), *(top_level_refs(v) for v in value))
+        return set().union(*(top_level_refs(v) for v in value))
     return set()
 
 
@@ -151,7 +151,7 @@ def _record(ckpt_dir: str | os.PathLike, stage: str, network_id: str) -> Path:
     config = parser.get()
     settings = {}
     for key, value in config.items():
-        if key in ("_meta_", "imports") or not _derived(config, key, set()):
+        if not _derived(config, key, set()):  # `_meta_` and `imports` (a dict, a list of imports) are not
             continue
         resolved = value if _plain(value) else parser.get_parsed_content(key)
         if _flat(resolved):
