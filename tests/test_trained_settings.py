@@ -199,3 +199,26 @@ def test_weights_that_do_not_fit_are_named_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     assert load_weights(net, path) is net
+
+
+def test_weights_that_do_not_fit_show_the_first_three_of_each_kind(tmp_path):
+    linears = lambda n: torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(n)])  # noqa: E731
+    torch.save({"model": linears(3).state_dict()}, tmp_path / "three.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(linears(1), tmp_path / "three.pt")
+    assert str(err.value) == (
+        f"{tmp_path / 'three.pt'} does not fit the network this config builds: tensors 4 unexpected (1.weight; 1.bias; "
+        "2.weight, ...). Build the network the weights were trained in: keep the training run's record "
+        "(finetune_run.json) beside them, or give its settings (--hidden_size, --roi_size, ...) as the training run "
+        "had them."
+    )
+    torch.save({"model": linears(1).state_dict()}, tmp_path / "one.pt")
+    with pytest.raises(CheckpointError, match=r"tensors 4 missing \(1\.weight; 1\.bias; 2\.weight, \.\.\.\)\. Build"):
+        load_weights(linears(3), tmp_path / "one.pt")
+    torch.save({"model": linears(2).state_dict()}, tmp_path / "two.pt")
+    with pytest.raises(CheckpointError, match=r"tensors 2 missing \(2\.weight; 2\.bias\)\. Build"):
+        load_weights(linears(3), tmp_path / "two.pt")
+    extra = {**linears(1).state_dict(), "x": torch.zeros(1), "y": torch.zeros(1), "z": torch.zeros(1)}
+    torch.save({"model": extra}, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError, match=r"tensors 3 unexpected \(x; y; z\)\. Build"):  # three: all shown
+        load_weights(linears(1), tmp_path / "extra.pt")
