@@ -210,9 +210,11 @@ def step_gflops(parser) -> float:
     size = parser.get_parsed_content("roi_size") if "roi_size" in parser else parser.get_parsed_content("img_size")
     size = [int(size)] * 2 if np.ndim(size) == 0 else [int(s) for s in size]
     x = torch.empty(2, int(parser.get_parsed_content("in_channels")), *size, device="meta")
+    # the MAE step passes the config's mask_ratio (the network's own is the default of direct calls only)
+    args = (float(parser.get_parsed_content("mask_ratio")),) if "mask_ratio" in parser else ()
     counter = FlopCounterMode(display=False)
     with counter:
-        out = net(x)
+        out = net(x, *args)
         (out[0] if isinstance(out, tuple) else out.float().mean()).backward()
     return counter.get_total_flops() / 2 / 1e9
 
