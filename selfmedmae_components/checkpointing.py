@@ -147,7 +147,7 @@ def attach_resume(
     ``load_dict`` (model, optimiser, scheduler, trainer state, ...) when the engine starts; returns its path."""
     from monai.handlers import CheckpointLoader
 
-    from .bundle_utils import as_bool
+    from .config_helpers import as_bool
 
     if not as_bool(resume):
         return None

@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.engines.utils import default_prepare_batch
 from monai.utils import CommonKeys
 
-from .bundle_utils import as_bool
+from .config_helpers import as_bool
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def read_record(path: str | os.PathLike) -> dict:
 
 def _running_parser():
     """(ConfigParser, config folder or None) of the bundle config being run, found on the call stack as
-    bundle_utils.default_bundle_root finds its workflow."""
+    config_helpers.default_bundle_root finds its workflow."""
     from monai.bundle import ConfigParser, ConfigWorkflow
 
     frame, parser = inspect.currentframe(), None

@@ -16,7 +16,6 @@ from monai.data import MetaTensor
 from monai.metrics import compute_roc_auc
 from PIL import Image
 
-from selfmedmae_components.bundle_utils import existing_files
 from selfmedmae_components.classification import (
     ABSENT,
     ClassificationReport,
@@ -27,6 +26,7 @@ from selfmedmae_components.classification import (
     mean_auc,
     per_class_auc,
 )
+from selfmedmae_components.config_helpers import existing_files
 from selfmedmae_components.data.cxr14 import CLASSES
 from selfmedmae_components.transforms.randaugment import OPS, RandAugmentd, apply_op
 

@@ -70,11 +70,9 @@ def test_bundle_run_without_datalist_and_the_documented_full_traceback(tmp_path)
     assert "Full traceback:" not in proc.stderr
 
 
-@pytest.mark.parametrize(
-    "tool, args", [("prepare_cxr14.py", ["--dataset_dir"]), ("prepare_btcv.py", []), ("prepare_msd_brats.py", [])]
-)
-def test_prepare_tools_end_with_a_clean_error(tmp_path, tool, args):
-    proc = run([sys.executable, str(REPO / "tools" / tool), *args, str(tmp_path / "nowhere")])
+@pytest.mark.parametrize("dataset, args", [("cxr14", ["--dataset_dir"]), ("btcv", []), ("brats", [])])
+def test_prepare_tool_ends_with_a_clean_error(tmp_path, dataset, args):
+    proc = run([sys.executable, str(REPO / "tools" / "prepare.py"), dataset, *args, str(tmp_path / "nowhere")])
     assert_short(proc, str(tmp_path / "nowhere")).unlink()
     assert len(proc.stderr.strip().splitlines()) == 2
 
@@ -85,7 +83,7 @@ def test_importing_the_package_changes_no_hook():
     code = (
         "import logging, sys\n"
         "hook = sys.excepthook\n"
-        "import monai, selfmedmae_components, selfmedmae_components.bundle  # what a bundle config imports\n"
+        "import monai, selfmedmae_components, selfmedmae_components.config_imports  # what a bundle config imports\n"
         "assert sys.excepthook is hook, sys.excepthook\n"
         "assert not logging.getLogger('monai.handlers.StatsHandler').filters\n"
         "selfmedmae_components.errors.install()  # what the configs' first `run` expression and the tools do\n"

@@ -30,7 +30,7 @@ from selfmedmae_components.weights import CheckpointError, load_weights
 
 CONFIG = {
     "imports": ["$import json", "$import pathlib", "$import selfmedmae_components",
-                "$import selfmedmae_components.bundle"],
+                "$import selfmedmae_components.config_imports"],
     "width": 8,
     "depth": 2,
     "pixdim": [1.0, 1.0],

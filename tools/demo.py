@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from selfmedmae_components import errors, registry  # noqa: E402
-from selfmedmae_components.bundle_utils import as_bool  # noqa: E402
+from selfmedmae_components.config_helpers import as_bool  # noqa: E402
 
 # MONAI StatsHandler's iteration line, e.g. "Epoch: 3/40, Iter: 5/10 -- train_loss: 0.8123 ", and the
 # progress bar of MONAI's CacheDataset (tqdm), e.g. "Loading dataset:  45%|####5     | 9/20 [00:01<00:02]"

@@ -17,7 +17,7 @@ from monai.networks.layers import Conv, DropPath
 from monai.utils import ensure_tuple_rep
 from torch.utils.checkpoint import checkpoint
 
-from ..bundle_utils import as_bool
+from ..config_helpers import as_bool
 from .pos_embed import sincos_pos_embed
 
 LAYER_NORM_EPS = 1e-6

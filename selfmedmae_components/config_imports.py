@@ -2,15 +2,15 @@
 and expressions such as ``$selfmedmae_components.optim.effective_lr(...)`` resolve:
 
     imports:
-      - $import selfmedmae_components          # binds the name (MONAI binds `import a.b` as "a.b")
-      - $import selfmedmae_components.bundle   # loads the modules below
+      - $import selfmedmae_components                  # binds the name (MONAI binds `import a.b` as "a.b")
+      - $import selfmedmae_components.config_imports   # loads the modules below
 
 ``_target_`` names need no import (MONAI locates them); ``torch``, ``numpy`` and ``monai`` are MONAI's default
 config globals."""
 
 from . import (  # noqa: F401
-    bundle_utils,
     classification,
+    config_helpers,
     distributed,
     engines,
     handlers,

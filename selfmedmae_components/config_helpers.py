@@ -1,4 +1,5 @@
-"""Small helpers the bundle configs call."""
+"""Small helpers the bundle configs call (bundle_root, input file checks, switches); the configs load this module
+through selfmedmae_components.config_imports."""
 
 from __future__ import annotations
 
