@@ -13,10 +13,10 @@ One entry per public dataset, named once (``btcv``, ``brats``, ``cxr14``). An en
     demo_run    the settings of ``tools/demo.py`` for the bundle (generator options, epochs, folders)
     benchmark   the preset of ``tools/benchmark.py`` (volume for sliding-window inference, ...)
 
-The tools accept the entry's name, its bundle folder and its ``aliases`` (the names the tools took before:
-``msd_brats``, ``cxr``, ...), so no command line breaks. This module imports nothing of the package at
-import time (functions are named by import path and loaded when asked for): a tool can read the table
-cheaply, and tools/data_benchmark.py can read it beside an older checkout's package.
+The tools accept the entry's name and its bundle folder (``brats`` or ``brats_seg``; an entry that shares another's
+bundle, its name only). This module imports nothing of the package at import time (functions are named by import
+path and loaded when asked for): a tool can read the table cheaply, and tools/data_benchmark.py can read it beside
+an older checkout's package.
 
 Adding a bundle: README.md, "Adding a bundle".
 """
@@ -118,7 +118,6 @@ class Dataset:
     name: str
     title: str
     bundle: str
-    aliases: tuple[str, ...]
     prepare: str
     prepare_usage: str
     demo: str
@@ -130,8 +129,8 @@ class Dataset:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Every name the tools accept for this entry: its name, its bundle folder (unless shared), its aliases."""
-        return (self.name, *(() if self.shares_bundle else (self.bundle,)), *self.aliases)
+        """Every name the tools accept for this entry: its name and its bundle folder (unless shared)."""
+        return (self.name, *(() if self.shares_bundle else (self.bundle,)))
 
     def prepare_function(self) -> Callable[..., dict]:
         """The function that checks a download and writes its datalist."""
@@ -151,7 +150,6 @@ DATASETS: tuple[Dataset, ...] = (
         name="btcv",
         title="BTCV abdominal CT, 13 organs (Synapse multi-atlas)",
         bundle="btcv_seg",
-        aliases=(),
         prepare="selfmedmae_components.data.btcv:prepare_datalist",
         prepare_usage="/data/btcv [--output PATH] [--num_val_cases 2] [--seed 0] [--check_files False]",
         demo="selfmedmae_components.data.demo.btcv",
@@ -180,11 +178,10 @@ DATASETS: tuple[Dataset, ...] = (
         name="brats",
         title="MSD Task01_BrainTumour (BraTS), 4-channel brain MRI, tumour regions",
         bundle="brats_seg",
-        aliases=("msd_brats",),
-        prepare="selfmedmae_components.data.msd_brats:prepare_datalist",
+        prepare="selfmedmae_components.data.brats:prepare_datalist",
         prepare_usage="/data/Task01_BrainTumour [--output PATH] [--eval_fraction 0.2] [--num_val_cases N] "
         "[--seed 12345] [--check_files False]",
-        demo="selfmedmae_components.data.demo.msd_brats",
+        demo="selfmedmae_components.data.demo.brats",
         geometry=Geometry(
             spatial_dims=3,
             channels=4,
@@ -208,7 +205,6 @@ DATASETS: tuple[Dataset, ...] = (
         name="cxr14",
         title="NIH ChestX-ray14, 14 findings",
         bundle="cxr14_cls",
-        aliases=("cxr",),
         prepare="selfmedmae_components.data.cxr14:prepare_datalist",
         prepare_usage="/data/cxr14 [--output PATH] [--val_fraction 0.1] [--seed 0] "
         "[--check_images False]   # False: existence only, fast on 112k images",
@@ -240,7 +236,6 @@ DATASETS: tuple[Dataset, ...] = (
         name="msd",
         title="any Medical Segmentation Decathlon-format dataset (channels, labels from its dataset.json)",
         bundle="msd_seg",
-        aliases=("decathlon",),
         prepare="selfmedmae_components.data.msd:prepare_datalist",
         prepare_usage="/data/Task09_Spleen [--output PATH] [--eval_fraction 0.2] [--num_val_cases N] [--seed 0] "
         "[--check_files False] [--normalization window|zscore] [--hu_window [-100,240]] [--pixdim [1.5,1.5,2.0]] "
@@ -273,7 +268,6 @@ DATASETS: tuple[Dataset, ...] = (
         name="scans",
         title="a hospital's own archive: any folder tree of DICOM, NIfTI, NRRD, MHA files, or a PACS over DICOMweb",
         bundle="msd_seg",
-        aliases=("archive", "dicom", "pacs"),
         prepare="selfmedmae_components.data.scans:prepare_datalist",
         prepare_usage="/data/export --out /data/scans [--labels /data/labels] [--modality CT|MR] [--workers N] "
         "[--label_names [liver,spleen]] [--cache disk] [--pretrain_steps N]   (or http://pacs:8042/dicom-web "
@@ -314,7 +308,7 @@ def names() -> list[str]:
 
 
 def find(name: str) -> Dataset | None:
-    """The entry called ``name`` (its name, bundle folder or an alias), or None."""
+    """The entry called ``name`` (its name or bundle folder), or None."""
     for d in DATASETS:
         if name in d.names:
             return d
@@ -322,13 +316,13 @@ def find(name: str) -> Dataset | None:
 
 
 def get(name: str) -> Dataset:
-    """The entry called ``name`` (its name, bundle folder or an alias).
+    """The entry called ``name`` (its name or bundle folder).
 
     Raises:
         ValueError: no such entry; the message lists the names the tools accept.
     """
     entry = find(str(name).strip())
     if entry is None:
-        known = "; ".join(f"{d.name} (or {', '.join(d.names[1:])})" for d in DATASETS)
+        known = "; ".join(f"{d.name} (or {', '.join(d.names[1:])})" if d.names[1:] else d.name for d in DATASETS)
         raise ValueError(f"unknown dataset or bundle {name!r}; choose from: {known}")
     return entry

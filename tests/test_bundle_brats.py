@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from bundle_runner import configs, read_losses, run_bundle, run_bundle_expect_error
 
-from selfmedmae_components.data import msd_brats
-from selfmedmae_components.data.demo import msd_brats as brats_demo
+from selfmedmae_components.data import brats
+from selfmedmae_components.data.demo import brats as brats_demo
 
 BUNDLE = "brats_seg"
 TINY = {"roi_size": [32, 32, 32], "pixdim": [6.0, 6.0, 6.0]}  # the tiny demo data's own 6 mm grid
@@ -34,7 +34,7 @@ def single_thread():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = Path(brats_demo.make_demo(tmp_path_factory.mktemp("msd"), num_cases=8, num_test_cases=1, shape=(32, 32, 24)))
-    msd_brats.prepare_datalist(root, eval_fraction=0.25, num_val_cases=1)  # 5 training, 1 validation, 2 evaluation
+    brats.prepare_datalist(root, eval_fraction=0.25, num_val_cases=1)  # 5 training, 1 validation, 2 evaluation
     return root
 
 

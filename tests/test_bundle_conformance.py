@@ -42,11 +42,11 @@ def _btcv(root: Path) -> tuple[Path, Path]:
 
 
 def _brats(root: Path) -> tuple[Path, Path]:
-    from selfmedmae_components.data import msd_brats
-    from selfmedmae_components.data.demo import msd_brats as brats_demo
+    from selfmedmae_components.data import brats
+    from selfmedmae_components.data.demo import brats as brats_demo
 
     data = Path(brats_demo.make_demo(root, num_cases=8, num_test_cases=1, shape=(32, 32, 24)))
-    msd_brats.prepare_datalist(data, eval_fraction=0.25, num_val_cases=1)
+    brats.prepare_datalist(data, eval_fraction=0.25, num_val_cases=1)
     return data, data / "imagesTs"
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
-from selfmedmae_components.data import msd_brats
+from selfmedmae_components.data import brats
 from selfmedmae_components.data.common import DatasetError
-from selfmedmae_components.data.demo import msd_brats as brats_demo
+from selfmedmae_components.data.demo import brats as brats_demo
 
 NUM_CASES = 10
 
@@ -57,7 +57,7 @@ def test_synthetic_brain_contrast():
 
 def test_prepare_split(demo, tmp_path):
     out = tmp_path / "datalist.json"
-    d = msd_brats.prepare_datalist(demo, output=out)
+    d = brats.prepare_datalist(demo, output=out)
     assert json.loads(out.read_text()) == d
     train, val, ev = _names(d["training"]), _names(d["validation"]), _names(d["evaluation"])
     assert (len(train), len(val), len(ev)) == (7, 1, 2)  # 80/20, validation 10% of the training part
@@ -68,31 +68,31 @@ def test_prepare_split(demo, tmp_path):
         for item in load_decathlon_datalist(out, data_list_key=key, base_dir=demo):
             assert all(Path(p).is_file() and not Path(p).name.startswith("._") for p in item.values())
     # determinism: same seed, same split; another seed, another split
-    assert msd_brats.prepare_datalist(demo, output=tmp_path / "again.json") == d
-    other = msd_brats.prepare_datalist(demo, output=tmp_path / "other.json", seed=2)
+    assert brats.prepare_datalist(demo, output=tmp_path / "again.json") == d
+    other = brats.prepare_datalist(demo, output=tmp_path / "other.json", seed=2)
     assert (_names(other["evaluation"]), _names(other["validation"])) != (ev, val)
-    assert len(msd_brats.prepare_datalist(demo, output=tmp_path / "v2.json", num_val_cases=2)["validation"]) == 2
+    assert len(brats.prepare_datalist(demo, output=tmp_path / "v2.json", num_val_cases=2)["validation"]) == 2
 
 
 def test_resource_forks_listed_in_dataset_json_are_skipped(demo_copy):
     meta = json.loads((demo_copy / "dataset.json").read_text())
     meta["training"].append({"image": "./imagesTr/._BRATS_001.nii.gz", "label": "./labelsTr/._BRATS_001.nii.gz"})
     (demo_copy / "dataset.json").write_text(json.dumps(meta))
-    d = msd_brats.prepare_datalist(str(demo_copy))
+    d = brats.prepare_datalist(str(demo_copy))
     assert len(d["training"] + d["validation"] + d["evaluation"]) == NUM_CASES
     assert (demo_copy / "datalist.json").is_file()
 
 
 def test_wrong_dataset_path(demo, tmp_path):
     with pytest.raises(DatasetError, match="does not exist") as err:
-        msd_brats.prepare_datalist(tmp_path / "nowhere")
+        brats.prepare_datalist(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(err.value)
     with pytest.raises(DatasetError, match="Pass its Task01_BrainTumour subfolder"):
-        msd_brats.prepare_datalist(demo.parent)
+        brats.prepare_datalist(demo.parent)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/dataset.json").write_text('{"training": [{"img": "x"}]}')
     with pytest.raises(DatasetError, match="not a valid MSD dataset.json"):
-        msd_brats.prepare_datalist(tmp_path / "bad")
+        brats.prepare_datalist(tmp_path / "bad")
 
 
 def test_bad_files_all_reported(demo_copy):
@@ -108,7 +108,7 @@ def test_bad_files_all_reported(demo_copy):
     nib.save(nib.Nifti1Image(challenge[:, :-2], lab.affine), demo_copy / "labelsTr/BRATS_006.nii.gz")
 
     with pytest.raises(DatasetError) as err:
-        msd_brats.prepare_datalist(demo_copy)
+        brats.prepare_datalist(demo_copy)
     msg = str(err.value)
     assert "5 problem(s)" in msg
     assert f"{demo_copy / 'labelsTr/BRATS_002.nii.gz'}: missing" in msg
@@ -123,6 +123,6 @@ def test_bad_files_all_reported(demo_copy):
 
 def test_bad_split_arguments(demo):
     with pytest.raises(DatasetError, match="eval_fraction"):
-        msd_brats.prepare_datalist(demo, eval_fraction=1.0)
+        brats.prepare_datalist(demo, eval_fraction=1.0)
     with pytest.raises(DatasetError, match="too few"):
-        msd_brats.prepare_datalist(demo, num_val_cases=8)
+        brats.prepare_datalist(demo, num_val_cases=8)

@@ -143,7 +143,8 @@ def test_cli(copy):
     subprocess.run(
         [
             sys.executable,
-            str(REPO / "tools" / "prepare_cxr14.py"),
+            str(REPO / "tools" / "prepare.py"),
+            "cxr14",
             "--dataset_dir",
             str(copy),
             "--output",

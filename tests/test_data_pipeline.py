@@ -21,8 +21,8 @@ from monai.data import CacheDataset, MetaTensor, list_data_collate
 from monai.transforms import Compose, NormalizeIntensityd, RandCropByPosNegLabeld, RandomizableTrait, RepeatChanneld
 from PIL import Image
 
+from selfmedmae_components.data.demo.brats import synthetic_brain
 from selfmedmae_components.data.demo.btcv import synthetic_ct
-from selfmedmae_components.data.demo.msd_brats import synthetic_brain
 from selfmedmae_components.data.demo.shapes import save_nifti
 from selfmedmae_components.data.loader import EpochSeededDataLoader
 from selfmedmae_components.transforms.cxr import IMAGENET_MEAN, IMAGENET_STD, PrepareChestXRayBatch

@@ -18,7 +18,7 @@ def test_gpu_check_dry_run_writes_one_json_with_every_step(tmp_path):
     assert report["dry_run"] and report["ok"], [
         (s["name"], s["exit_code"], s["log_tail"][-800:]) for s in report["steps"]
     ]
-    assert [s["name"] for s in report["steps"]] == ["pytest", "benchmark_btcv", "benchmark_brats", "benchmark_cxr"]
+    assert [s["name"] for s in report["steps"]] == ["pytest", "benchmark_btcv", "benchmark_brats", "benchmark_cxr14"]
 
     # the CUDA tests were collected (and skipped on this CPU), the host-sync test among them
     tests = {t["test"]: t["outcome"] for t in report["tests"]}
@@ -27,7 +27,7 @@ def test_gpu_check_dry_run_writes_one_json_with_every_step(tmp_path):
     assert set(tests.values()) == {"skipped"}
 
     for preset, parts in (("btcv", {"mae", "finetune", "sliding_window"}), ("brats", {"mae", "finetune", "sliding_window"}),
-                          ("cxr", {"mae", "finetune"})):  # fmt: skip
+                          ("cxr14", {"mae", "finetune"})):  # fmt: skip
         bench = report["benchmarks"][preset]
         assert parts <= bench.keys(), preset
         ours = [r for part in parts for r in bench[part] if r["name"].startswith("ours") and not r["error"]]

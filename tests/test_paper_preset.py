@@ -8,10 +8,10 @@ import pytest
 from bundle_runner import REPO, configs, read_losses, run_bundle
 from monai.bundle import ConfigParser
 
-from selfmedmae_components.data import btcv, cxr14, msd_brats
+from selfmedmae_components.data import brats, btcv, cxr14
+from selfmedmae_components.data.demo import brats as brats_demo
 from selfmedmae_components.data.demo import btcv as btcv_demo
 from selfmedmae_components.data.demo import cxr14 as cxr14_demo
-from selfmedmae_components.data.demo import msd_brats as brats_demo
 
 BUNDLES = ("btcv_seg", "brats_seg", "cxr14_cls")
 # what the preset must restore, per bundle: {config id: value} read from the layered finetune/pretrain configs
@@ -47,7 +47,7 @@ def make_data(bundle, root):
         datalist, data = btcv.prepare_datalist(root), root
     elif bundle == "brats_seg":
         data = Path(brats_demo.make_demo(root, num_cases=6, num_test_cases=0, shape=(32, 32, 24)))
-        datalist = msd_brats.prepare_datalist(data, eval_fraction=0.25, num_val_cases=1)
+        datalist = brats.prepare_datalist(data, eval_fraction=0.25, num_val_cases=1)
     else:
         data = cxr14_demo.make_demo(root, num_images=120, image_size=72, seed=0)
         datalist = cxr14.prepare_datalist(data, num_workers=1)

@@ -116,8 +116,8 @@ def test_benchmark_records_cpu_capability_and_precision(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    # the cxr preset has no sliding-window part: only the environment and matmul peaks are measured
-    benchmark.main(preset="cxr", parts="sw", device="cpu", out=str(tmp_path / "b.json"))
+    # the cxr14 preset has no sliding-window part: only the environment and matmul peaks are measured
+    benchmark.main(preset="cxr14", parts="sw", device="cpu", out=str(tmp_path / "b.json"))
     env = json.loads((tmp_path / "b.json").read_text())["env"]
     assert env["cpu_capability"] == "avx512"
     assert env["amp_dtype"] is None

@@ -1,5 +1,5 @@
 """selfmedmae_components/registry.py: every entry is complete and consistent with its bundle, and the tools
-dispatch through it (tools/prepare.py as the old prepare_*.py wrappers, make_demo_data.py, demo.py).
+dispatch through it (tools/prepare.py, make_demo_data.py, demo.py).
 
 Tiny demo sets (each entry's ``demo_run.tiny``), no training: a few seconds per dataset.
 """
@@ -20,16 +20,13 @@ from monai.bundle import ConfigParser
 
 from selfmedmae_components import registry
 
-# the per-dataset prepare tools that README, model cards and tests use: thin wrappers of tools/prepare.py
-OLD_WRAPPERS = {"btcv": ("prepare_btcv.py", []), "brats": ("prepare_msd_brats.py", []),
-                "cxr14": ("prepare_cxr14.py", ["--dataset_dir"])}  # fmt: skip
 LABEL_KINDS = {"classes", "regions", "multilabel"}
 
 
 def tool(name: str):
     """A module of tools/ loaded from its file (tools/ is no package)."""
     if str(REPO / "tools") not in sys.path:
-        sys.path.insert(0, str(REPO / "tools"))  # tools import their neighbours (prepare_*.py -> prepare.py)
+        sys.path.insert(0, str(REPO / "tools"))  # as when a tool runs from its file
     spec = importlib.util.spec_from_file_location(f"registry_test_{name}", REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -45,8 +42,11 @@ def test_every_name_finds_exactly_its_entry():
     for d in registry.DATASETS:
         for name in d.names:
             assert registry.get(name) is d
-    # the names the tools took before the registry still work
-    assert registry.get("msd_brats").name == "brats" and registry.get("cxr").name == "cxr14"
+    # one name per dataset, and its bundle folder: the aliases the tools once took are gone (docs/CHANGELOG.md)
+    assert {d.name: d.names for d in registry.DATASETS}["brats"] == ("brats", "brats_seg")
+    assert registry.find("scans").names == ("scans",)  # msd_seg names the msd entry
+    for old in ("msd_brats", "cxr", "decathlon", "archive", "dicom", "pacs"):
+        assert registry.find(old) is None, old
     with pytest.raises(ValueError, match="unknown dataset or bundle 'nope'.*btcv"):
         registry.get("nope")
 
@@ -121,10 +121,10 @@ def test_demo_and_prepare_give_a_datalist_every_stage_reads(demo_set):
     assert any((dataset_dir / d.demo_run.input).iterdir())  # what the demo's inference stage reads
 
 
-def test_prepare_tool_and_old_wrapper_write_the_same_datalist(demo_set, tmp_path):
+def test_prepare_tool_by_name_and_bundle_folder_writes_the_same_datalist(demo_set, tmp_path):
     d, dataset_dir = demo_set
-    if d.demo_run.source:  # a source prepared into a folder of its own: the same datalist in another folder, by alias
-        for name in d.names[-1:]:  # (the fixture ran tools/prepare.py's main with the entry's name)
+    if d.demo_run.source:  # a source prepared into a folder of its own: the same datalist in another folder
+        for name in d.names:  # (the fixture ran tools/prepare.py's main in-process; this is the command line)
             command = d.demo_run.prepare_command(name, dataset_dir.parent)
             command[command.index("--out") + 1] = str(tmp_path / name)
             proc = subprocess.run([sys.executable, str(REPO / "tools" / "prepare.py"), *command], cwd=REPO,
@@ -133,13 +133,8 @@ def test_prepare_tool_and_old_wrapper_write_the_same_datalist(demo_set, tmp_path
             assert json.loads((tmp_path / name / "datalist.json").read_text()) == json.loads(
                 (dataset_dir / "datalist.json").read_text())  # fmt: skip
         return
-    runs = {
-        "prepare.py": [REPO / "tools" / "prepare.py", d.name, dataset_dir],
-        "prepare.py alias": [REPO / "tools" / "prepare.py", d.names[-1], dataset_dir],
-    }
-    if d.name in OLD_WRAPPERS:  # datasets added after tools/prepare.py have no wrapper of their own
-        script, flag = OLD_WRAPPERS[d.name]
-        runs[script] = [REPO / "tools" / script, *flag, dataset_dir]
+    runs = {f"prepare.py {name}": [REPO / "tools" / "prepare.py", name, dataset_dir] for name in d.names}
+    assert len(runs) == 2  # the entry's name and its bundle folder
     written = {}
     for label, cmd in runs.items():
         out = tmp_path / f"{label.replace(' ', '_')}.json"
@@ -151,20 +146,14 @@ def test_prepare_tool_and_old_wrapper_write_the_same_datalist(demo_set, tmp_path
         assert written[label] == json.loads((dataset_dir / "datalist.json").read_text()), label
 
 
-def test_old_wrappers_are_thin():
-    """Each wrapper calls tools/prepare.py's main with its dataset, the same function the registry names."""
-    for name, (script, _) in OLD_WRAPPERS.items():
-        source = (REPO / "tools" / script).read_text()
-        calls = [
-            n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "main"
-        ]
-        assert len(calls) == 1 and registry.get(calls[0].args[0].elts[0].value) is ENTRIES[name], script
+def test_prepare_is_the_only_prepare_tool():
+    assert sorted(p.name for p in (REPO / "tools").glob("prepare*.py")) == ["prepare.py"]
 
 
 def test_make_demo_data_dispatches_through_the_registry(tmp_path, capsys):
     make_demo_data = tool("make_demo_data")
     make_demo_data.main(
-        ["msd_brats", str(tmp_path), "--num_cases", "2", "--num_test_cases", "0", "--shape", "[16,16,8]"]
+        ["brats_seg", str(tmp_path), "--num_cases", "2", "--num_test_cases", "0", "--shape", "[16,16,8]"]
     )
     assert len(json.loads((tmp_path / "Task01_BrainTumour" / "dataset.json").read_text())["training"]) == 2
     make_demo_data.main([])
@@ -176,8 +165,8 @@ def test_make_demo_data_dispatches_through_the_registry(tmp_path, capsys):
 def test_demo_stages_use_the_registry_tools_and_configs(name, tmp_path):
     d = ENTRIES[name]
     demo = tool("demo")
-    stages = demo.stages(d.name, tmp_path)  # a dataset name is as good as the bundle folder (or an alias)
-    assert stages == demo.stages(d.names[-1] if d.shares_bundle else d.bundle, tmp_path)
+    stages = demo.stages(d.name, tmp_path)  # a dataset name is as good as the bundle folder
+    assert stages == demo.stages(d.names[-1], tmp_path)  # its bundle folder (scans: msd_seg names the msd entry)
     commands = dict((label, cmd) for label, cmd, _ in stages)
     assert commands["data"][1:4] == ["tools/make_demo_data.py", d.name, str(tmp_path / "data" / d.name)]
     assert commands["prepare"][1:3] == ["tools/prepare.py", d.name]

@@ -18,10 +18,10 @@ from monai.bundle import ConfigParser
 from monai.transforms import CenterSpatialCropd, Compose
 
 from selfmedmae_components.data import msd
+from selfmedmae_components.data.demo import brats as brats_demo
 from selfmedmae_components.data.demo import btcv as btcv_demo
 from selfmedmae_components.data.demo import cxr14 as cxr14_demo
 from selfmedmae_components.data.demo import msd as msd_demo
-from selfmedmae_components.data.demo import msd_brats as brats_demo
 
 STAGES = ("pretrain", "finetune", "evaluate", "inference")
 # the id of each stage's deterministic pipeline: the cached part of MAE training, fine-tuning's validation

@@ -6,8 +6,8 @@ sliding-window inference beside plain MONAI UNETR, and the data pipeline, all in
     python tools/benchmark.py --preset cxr14 --batch 32 --compile                          # + torch.compile
     python tools/benchmark.py --preset btcv --batch 24 --finetune_batch 6   # the configs' MAE step, fine-tuning micro-batch
 
-A preset is a dataset of selfmedmae_components/registry.py (btcv, brats, cxr14; also its bundle folder or an
-older alias: cxr); the entry's ``benchmark`` and ``geometry`` say what is measured on which data.
+A preset is a dataset of selfmedmae_components/registry.py (btcv, brats, cxr14; also its bundle folder); the
+entry's ``benchmark`` and ``geometry`` say what is measured on which data.
 
 Every measurement interleaves the variants it compares (round r runs each variant once, then
 round r + 1, ...), after ``warmup`` untimed rounds, so a slow spell on a shared machine hits all
@@ -781,7 +781,7 @@ def main(
 ) -> None:
     """Run the benchmark; see the module docstring. ``--out results.json`` writes every number."""
     errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
-    preset = registry.get(preset).name  # an alias (cxr) or a bundle folder names its dataset; unknown: ValueError
+    preset = registry.get(preset).name  # a bundle folder names its dataset too; unknown: ValueError
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

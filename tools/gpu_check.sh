@@ -29,10 +29,10 @@ if [ "$DRY" = 1 ]; then
     # shapes and sizes only: a 2-block ViT of width 48 on 32^3 crops, one timed round, on the CPU
     SIZE="--device cpu --threads 1 --roi_size 32 --hidden_size 48 --num_layers 2 --num_heads 2 --decoder_hidden_size 48
           --decoder_num_layers 1 --decoder_num_heads 2 --feature_size 4 --repeats 1 --warmup 0 --sw_repeats 1"
-    BATCH_BTCV="--batch 2 --finetune_batch 2" BATCH_BRATS="--batch 2 --finetune_batch 1" BATCH_CXR="--batch 4 --finetune_batch 2"
+    BATCH_BTCV="--batch 2 --finetune_batch 2" BATCH_BRATS="--batch 2 --finetune_batch 1" BATCH_CXR14="--batch 4 --finetune_batch 2"
 else
     SIZE="--repeats 5 --warmup 2 --sw_repeats 2"   # sliding window: one untimed pass, then 2
-    BATCH_BTCV="--batch 24 --finetune_batch 6" BATCH_BRATS="--batch 24 --finetune_batch 3" BATCH_CXR="--batch 256 --finetune_batch 64"
+    BATCH_BTCV="--batch 24 --finetune_batch 6" BATCH_BRATS="--batch 24 --finetune_batch 3" BATCH_CXR14="--batch 256 --finetune_batch 64"
 fi
 
 # step NAME SECONDS COMMAND...: run it with its output in $PARTS/NAME.log, record exit code and seconds
@@ -60,8 +60,8 @@ step benchmark_btcv 150 "$PYTHON" tools/benchmark.py --preset btcv --parts mae,f
 step benchmark_brats 130 "$PYTHON" tools/benchmark.py --preset brats --parts mae,finetune,sw --mask_ratios 0.125 \
     $BATCH_BRATS $SIZE --out "$PARTS/benchmark_brats.json"
 # shellcheck disable=SC2086
-step benchmark_cxr 80 "$PYTHON" tools/benchmark.py --preset cxr --parts mae,finetune --mask_ratios 0.75 \
-    $BATCH_CXR $SIZE --out "$PARTS/benchmark_cxr.json"
+step benchmark_cxr14 80 "$PYTHON" tools/benchmark.py --preset cxr14 --parts mae,finetune --mask_ratios 0.75 \
+    $BATCH_CXR14 $SIZE --out "$PARTS/benchmark_cxr14.json"
 
 "$PYTHON" - "$PARTS" "$DEST/gpu_check.json" "$DRY" <<'EOF'
 import json, sys, xml.etree.ElementTree as ET

@@ -5,7 +5,7 @@
     python tools/make_demo_data.py cxr14 demo_data/cxr14     # images/*.png, Data_Entry_2017.csv, *_list.txt
     python tools/make_demo_data.py brats --help              # the generator's options
 
-Any dataset of selfmedmae_components/registry.py, by its name, bundle folder or alias (msd_brats, cxr); the
+Any dataset of selfmedmae_components/registry.py, by its name or bundle folder (brats or brats_seg); the
 generators live in selfmedmae_components/data/demo/. The demo then runs the same preparation tool
 (tools/prepare.py) a real user runs on a download.
 """

@@ -9,9 +9,8 @@
 
 ``scans`` prepares a hospital's own archive (any tree of DICOM, NIfTI, NRRD, MHA files, or a PACS over DICOMweb) into
 ``--out`` for the msd_seg bundle, with a manifest of every series and file (data/scans.py).
-The dataset may be named by its registry name, its bundle folder or an older alias (msd_brats, cxr);
-selfmedmae_components/registry.py says which function prepares it. tools/prepare_btcv.py,
-prepare_msd_brats.py and prepare_cxr14.py are this tool with the dataset filled in.
+The dataset is named by its registry name or its bundle folder (``brats`` or ``brats_seg``);
+selfmedmae_components/registry.py says which function prepares it. This is the only prepare command.
 """
 
 from __future__ import annotations
@@ -31,12 +30,13 @@ from selfmedmae_components import errors, registry  # noqa: E402
 def usage() -> str:
     lines = ["usage: python tools/prepare.py DATASET FOLDER [options]   (DATASET --help: all its options)", ""]
     for d in registry.DATASETS:
-        lines.append(f"  {d.name:<6} {d.title}; also {', '.join(d.names[1:])}")
+        also = f"; also {', '.join(d.names[1:])}" if d.names[1:] else ""
+        lines.append(f"  {d.name:<6} {d.title}{also}")
         lines.append(f"         python tools/prepare.py {d.name} {d.prepare_usage}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, tool: str = "tools/prepare.py") -> None:
+def main(argv: list[str] | None = None) -> None:
     """Dispatch ``DATASET [FOLDER] [options]`` to the dataset's prepare function (fire reads the options)."""
     errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None, tool: str = "tools/prepare.py") -> None:
     entry = registry.get(argv[0])  # an unknown name ends with "error: unknown dataset ..." (errors.py)
     # a DatasetError ends the tool with "error: <message>" (selfmedmae_components.errors, as the bundles do);
     # the function prints its own summary: fire must not print the datalist (112k items for cxr14)
-    fire.Fire(entry.prepare_function(), command=argv[1:], name=f"{tool} {entry.name}", serialize=lambda _: None)
+    fire.Fire(
+        entry.prepare_function(), command=argv[1:], name=f"tools/prepare.py {entry.name}", serialize=lambda _: None
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 def bundle_parser(bundle: str, config: str, presets: list[str], overrides: dict):
     """A ConfigParser on ``bundles/<bundle>/configs/<config>.yaml`` layered with presets and overrides; ``bundle``
-    may also be a dataset's name (registry: btcv, brats, cxr14, or an alias)."""
+    may also be a dataset's name (registry: btcv, brats, cxr14)."""
     from monai.bundle import ConfigParser
 
     entry = registry.find(bundle)

@@ -10,7 +10,7 @@ The dataset as downloaded (``Task01_BrainTumour.tar``)::
     Task01_BrainTumour/imagesTr/._BRATS_001.nii.gz macOS resource forks, not images: ignored
 
 The cases are the ones listed in ``dataset.json``; nothing is picked up by scanning folders.
-The synthetic demo data in this layout: data/demo/msd_brats.py.
+The synthetic demo data in this layout: data/demo/brats.py.
 """
 
 from __future__ import annotations

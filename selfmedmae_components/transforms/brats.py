@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
-from ..data.msd_brats import MODALITIES  # the channels of MSD Task01_BrainTumour images, in order
+from ..data.brats import MODALITIES  # the channels of MSD Task01_BrainTumour images, in order
 
 ET_MAPPINGS = ("dataset", "original")
 REGION_NAMES = ("WT", "TC", "ET")

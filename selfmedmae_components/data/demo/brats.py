@@ -1,4 +1,4 @@
-"""Synthetic MSD Task01_BrainTumour in the download layout (see data/msd_brats.py): 4-channel glioma MRI.
+"""Synthetic MSD Task01_BrainTumour in the download layout (see data/brats.py): 4-channel glioma MRI.
 
 :func:`make_demo` writes the demo dataset; :func:`write_case` and :func:`network_input` give the tools
 (benchmark.py, data_benchmark.py) single cases in any grid.

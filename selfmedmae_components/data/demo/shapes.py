@@ -9,7 +9,7 @@ import numpy as np
 
 # Synthetic demo data in the download layout. Geometry is drawn in patient millimetres
 # (x to the patient's right, y anterior, z superior) on 1-D coordinate axes, so each shape is
-# evaluated only inside its bounding box. The blob/capsule painters are shared with msd_brats.
+# evaluated only inside its bounding box. The blob/capsule painters are shared with brats.py.
 
 
 def _box(axes: tuple[np.ndarray, ...], lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...] | None:
