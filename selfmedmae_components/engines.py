@@ -30,8 +30,12 @@ AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # What this CPU offers for bf16, best first, as torch.cpu's probes name it. Only AMX and AVX512-BF16
 # run bf16 matrix products natively; on plain AVX-512 (Skylake-SP, Cascade Lake) oneDNN emulates them
 # and bf16 autocast is about 3x slower than float32 (ViT-B MAE step: 10.4 s vs 3.2 s).
-CPU_CAPABILITIES = {"amx": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported",
-                    "avx512": "_is_avx512_supported", "avx2": "_is_avx2_supported"}  # fmt: skip
+CPU_CAPABILITIES = {
+    "amx": "_is_amx_tile_supported",
+    "avx512_bf16": "_is_avx512_bf16_supported",
+    "avx512": "_is_avx512_supported",
+    "avx2": "_is_avx2_supported",
+}
 NATIVE_CPU_BF16 = ("amx", "avx512_bf16")
 
 
@@ -160,9 +164,12 @@ class TrainingStep:
     """
 
     def __init__(
-        self, amp: bool = False, amp_dtype: str = "bfloat16", grad_clip_norm: float | None = None,
+        self,
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+        grad_clip_norm: float | None = None,
         micro_batch_size: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.amp = amp
         self.amp_dtype = amp_dtype
         self.grad_clip_norm = grad_clip_norm
@@ -190,8 +197,10 @@ class TrainingStep:
             return [(batchdata, 1.0)]
         keys = [k for k in (CommonKeys.IMAGE, CommonKeys.LABEL) if k in batchdata]
         starts = range(0, n, self.micro_batch_size)
-        return [({k: batchdata[k][i : i + self.micro_batch_size] for k in keys}, min(self.micro_batch_size, n - i) / n)
-                for i in starts]  # fmt: skip
+        return [
+            ({k: batchdata[k][i : i + self.micro_batch_size] for k in keys}, min(self.micro_batch_size, n - i) / n)
+            for i in starts
+        ]
 
     def compute_loss(self, engine: Any, batchdata: dict) -> tuple[torch.Tensor, dict]:
         image, label = _prepare(batchdata, engine)

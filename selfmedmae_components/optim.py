@@ -116,9 +116,12 @@ def param_groups_layer_decay(
         if (lid, no_wd) not in groups:
             scale = layer_decay ** (num_layers + 1 - lid)
             groups[(lid, no_wd)] = {
-                "params": [], "param_names": [], "lr": lr * scale, "lr_scale": scale,
+                "params": [],
+                "param_names": [],
+                "lr": lr * scale,
+                "lr_scale": scale,
                 "weight_decay": 0.0 if no_wd else weight_decay,
-            }  # fmt: skip
+            }
         groups[(lid, no_wd)]["params"].append(p)
         groups[(lid, no_wd)]["param_names"].append(name)
     return [groups[k] for k in sorted(groups)]

@@ -161,7 +161,7 @@ DATASETS: tuple[Dataset, ...] = (
             spacing=(0.76, 0.76, 3.0),
             labels="classes",
             cases={"pretrain": (18, 0), "finetune": (16, 2)},
-        ),  # fmt: skip
+        ),
         demo_run=DemoRun(
             make_args=(),
             dataset="",
@@ -170,7 +170,7 @@ DATASETS: tuple[Dataset, ...] = (
             finetune_epochs=30,
             val_interval=10,
             tiny={"num_test_cases": 1, "shape": (32, 32, 12)},
-        ),  # fmt: skip
+        ),
         # real BTCV: 512 x 512 in-plane, ~0.8 mm; ~100 slices of 2.5-5 mm (half resolution in-plane in the data part)
         benchmark=BenchmarkPreset(sw_size=(256, 256, 160), data_shape=(256, 256, 64)),
     ),
@@ -189,7 +189,7 @@ DATASETS: tuple[Dataset, ...] = (
             spacing=(1.0, 1.0, 1.0),
             labels="regions",
             cases={"pretrain": (387, 0), "finetune": (348, 39)},  # 484 labelled, 97 held out for evaluation
-        ),  # fmt: skip
+        ),
         demo_run=DemoRun(
             make_args=(),
             dataset="Task01_BrainTumour",
@@ -198,7 +198,7 @@ DATASETS: tuple[Dataset, ...] = (
             finetune_epochs=20,
             val_interval=5,
             tiny={"num_cases": 5, "num_test_cases": 1, "shape": (24, 24, 16)},
-        ),  # fmt: skip
+        ),
         benchmark=BenchmarkPreset(sw_size=(240, 240, 155), data_shape=(192, 192, 144)),  # 1 mm, as in MSD
     ),
     Dataset(
@@ -217,7 +217,7 @@ DATASETS: tuple[Dataset, ...] = (
             labels="multilabel",  # 8-bit PNG
             cases={"pretrain": (86524, 0), "finetune": (77872, 8652)},  # official train_val, 10 % validation
             pretrain_keys=("image",),
-        ),  # fmt: skip
+        ),
         demo_run=DemoRun(
             make_args=("--num_images", "1200", "--image_size", "128"),
             dataset="",
@@ -228,7 +228,7 @@ DATASETS: tuple[Dataset, ...] = (
             # the tiny 2D ViT runs many small operations: one thread per process is faster than two (docs/README.md)
             env={"OMP_NUM_THREADS": "1"},
             tiny={"num_images": 40, "image_size": 32},
-        ),  # fmt: skip
+        ),
         benchmark=BenchmarkPreset(sw_size=None, data_shape=(1024, 1024)),
         data_benchmark_cases=500,
     ),
@@ -251,7 +251,7 @@ DATASETS: tuple[Dataset, ...] = (
             labels="classes",
             cases={"pretrain": (53, 0), "finetune": (30, 3)},
             pretrain_keys=("image",),
-        ),  # fmt: skip
+        ),
         demo_run=DemoRun(
             make_args=(),
             dataset="Task90_DemoProstateMR",
@@ -261,7 +261,7 @@ DATASETS: tuple[Dataset, ...] = (
             val_interval=10,
             tiny={"num_cases": 6, "num_test_cases": 1, "shape": (24, 24, 12)},
             default=False,
-        ),  # fmt: skip
+        ),
         benchmark=BenchmarkPreset(sw_size=(256, 256, 128), data_shape=(256, 256, 64)),
     ),
     Dataset(
@@ -283,7 +283,7 @@ DATASETS: tuple[Dataset, ...] = (
             labels="classes",
             cases={"pretrain": (2000, 0), "finetune": (12, 2)},
             pretrain_keys=("image",),
-        ),  # fmt: skip
+        ),
         demo_run=DemoRun(
             make_args=(),
             dataset="prepared",
@@ -295,7 +295,7 @@ DATASETS: tuple[Dataset, ...] = (
             default=False,
             source="archive",
             prepare_args=("--out", "{dataset}", "--labels", "{data}/labels"),
-        ),  # fmt: skip
+        ),
         benchmark=BenchmarkPreset(sw_size=(256, 256, 160), data_shape=(256, 256, 64)),
         shares_bundle=True,
     ),

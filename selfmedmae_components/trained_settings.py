@@ -57,10 +57,32 @@ STAGE = "finetune"  # evaluate and inference load fine-tuned weights: models/fin
 TRAINING_ONLY_ARGS = ("drop_path_rate", "activation_checkpointing")
 # the preprocessing the weights were trained on, by the ids the bundles give it (3-D: voxel spacing, CT window,
 # msd_seg's normalisation; 2-D: resize before the crop, pixel mean and std; brats_seg: which labels make ET)
-PREPROCESSING_SETTINGS = ("pixdim", "hu_min", "hu_max", "normalization", "resize", "pixel_mean", "pixel_std", "et_mapping")  # fmt: skip
+PREPROCESSING_SETTINGS = (
+    "pixdim",
+    "hu_min",
+    "hu_max",
+    "normalization",
+    "resize",
+    "pixel_mean",
+    "pixel_std",
+    "et_mapping",
+)
 # the arguments of MONAI's `run` / `run_workflow` that are not config ids
-_RUN_ARGS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
-                       "args_file", "workflow_name", "workflow_type", "properties_path"})  # fmt: skip
+_RUN_ARGS = frozenset(
+    {
+        "run_id",
+        "init_id",
+        "final_id",
+        "meta_file",
+        "config_file",
+        "logging_file",
+        "tracking",
+        "args_file",
+        "workflow_name",
+        "workflow_type",
+        "properties_path",
+    }
+)
 _REF = re.compile(r"@([A-Za-z_]\w*)")  # a value that is one reference to a top-level id: `img_size: '@roi_size'`
 
 
@@ -136,9 +158,13 @@ def follow(checkpoint: str | Path, stage: str = STAGE) -> dict:
                     f"{checkpoint} were trained with it): leave --{key} out, or give a --checkpoint trained with "
                     f"{key} {_shown(value_given)}."
                 )
-            print(f"warning: --{key} {_shown(value_given)} differs from {path} ({key} {_shown(value)}, the "
-                  f"preprocessing the weights in {checkpoint} were trained with): using {_shown(value_given)}, "
-                  "as given.", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"warning: --{key} {_shown(value_given)} differs from {path} ({key} {_shown(value)}, the "
+                f"preprocessing the weights in {checkpoint} were trained with): using {_shown(value_given)}, "
+                "as given.",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         raw = parser.get(key)
         if _jsonable(raw) != value:

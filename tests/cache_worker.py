@@ -48,15 +48,17 @@ class Slowd(MapTransform):
 
 
 def pipeline(pixdim: float = 2.0, slow: float = 0.0) -> Compose:
-    return Compose([
-        LoadImaged("image", ensure_channel_first=True, image_only=True),
-        Spacingd("image", pixdim=[pixdim] * 3, mode="bilinear"),
-        ScaleIntensityRanged("image", -100.0, 200.0, 0.0, 1.0, clip=True),
-        Slowd("image", slow),
-        EnsureTyped("image", track_meta=False),
-        CastToTyped("image", dtype=torch.float16),
-        RandSpatialCropd("image", roi_size=[8, 8, 8], random_size=False),
-    ])  # fmt: skip
+    return Compose(
+        [
+            LoadImaged("image", ensure_channel_first=True, image_only=True),
+            Spacingd("image", pixdim=[pixdim] * 3, mode="bilinear"),
+            ScaleIntensityRanged("image", -100.0, 200.0, 0.0, 1.0, clip=True),
+            Slowd("image", slow),
+            EnsureTyped("image", track_meta=False),
+            CastToTyped("image", dtype=torch.float16),
+            RandSpatialCropd("image", roi_size=[8, 8, 8], random_size=False),
+        ]
+    )
 
 
 def main() -> None:
@@ -89,8 +91,9 @@ def main() -> None:
 
     cache.DiskCacheDataset._pre_transform = counted
     data = [{"image": f} for f in a.files]
-    dataset = cache.DiskCacheDataset(data, imported(a.pixdim, a.slow), a.cache_dir, num_workers=1, progress=False,
-                                     fill=False)  # fmt: skip
+    dataset = cache.DiskCacheDataset(
+        data, imported(a.pixdim, a.slow), a.cache_dir, num_workers=1, progress=False, fill=False
+    )
     if a.start:
         Path(f"{a.start}.{os.getpid()}.ready").touch()
     while a.start and not Path(a.start).exists():

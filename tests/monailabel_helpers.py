@@ -91,8 +91,22 @@ def tiny_run(bundle: str, dataset_dir: Path, run: Path) -> None:
 
 def export(run: Path, model_dir: Path, name: str) -> Path:
     """docs/MONAI_LABEL.md, section 2: ``python tools/export_bundle.py --run ... --out ... --no-zip [--name]``."""
-    proc = subprocess.run([sys.executable, str(REPO / "tools/export_bundle.py"), "--run", str(run), "--out", str(model_dir),
-                           "--no-zip", "--name", name], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/export_bundle.py"),
+            "--run",
+            str(run),
+            "--out",
+            str(model_dir),
+            "--no-zip",
+            "--name",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return model_dir / name
 
@@ -100,8 +114,23 @@ def export(run: Path, model_dir: Path, name: str) -> Path:
 def download_app(root: Path) -> Path:
     """``monailabel apps --download --name monaibundle`` (copied from the installed wheel, no network)."""
     apps = root / "apps"
-    subprocess.run([str(venv_python()), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
-                    "--output", str(apps)], check=True, capture_output=True, timeout=120, cwd=root)  # fmt: skip
+    subprocess.run(
+        [
+            str(venv_python()),
+            "-m",
+            "monailabel.main",
+            "apps",
+            "--download",
+            "--name",
+            "monaibundle",
+            "--output",
+            str(apps),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd=root,
+    )
     return apps / "monaibundle"
 
 
@@ -120,12 +149,18 @@ def monailabel_server(app: Path, studies: str, models: list[str], log_path: Path
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf.items():
         cmd += ["--conf", key, value]
-    full_env = dict(os.environ, PATH=f"{VENV / 'bin'}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-                    **(env or {}))  # fmt: skip
+    full_env = dict(
+        os.environ,
+        PATH=f"{VENV / 'bin'}:{os.environ['PATH']}",
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        **(env or {}),
+    )
     full_env.pop("PYTHONPATH", None)
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=app.parent.parent,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=app.parent.parent, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + STARTUP_TIMEOUT_S
@@ -164,10 +199,30 @@ def own_segmentation(bundle_dir: Path, image: Path, checkpoint: Path, out_dir: P
     out_dir.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(venv_python()), "-m", "monai.bundle", "run", "inference", "--config_file",
-                           str(bundle_dir / "configs" / "inference.yaml"), "--input_files", repr([str(image)]),
-                           "--output_dir", str(out_dir), "--checkpoint", str(checkpoint), "--num_workers", "0"],
-                          capture_output=True, text=True, timeout=600, cwd=out_dir, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(venv_python()),
+            "-m",
+            "monai.bundle",
+            "run",
+            "inference",
+            "--config_file",
+            str(bundle_dir / "configs" / "inference.yaml"),
+            "--input_files",
+            repr([str(image)]),
+            "--output_dir",
+            str(out_dir),
+            "--checkpoint",
+            str(checkpoint),
+            "--num_workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=out_dir,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return np.asarray(nib.load(next(out_dir.glob("*_seg.nii*"))).dataobj)
 
@@ -176,6 +231,12 @@ def own_scores(run: Path, image: Path, out: Path) -> list[float]:
     """The bundle's own inference config on ``image`` in the run folder ``run`` (its weights, the run's settings)."""
     from bundle_runner import configs, run_bundle
 
-    run_bundle("inference", configs("cxr14_cls", "inference", "demo"), input_files=[str(image)], bundle_root=run,
-               output_file=out, **{k: json.dumps(v) for k, v in CASES["cxr14_cls"].tiny.items()})  # fmt: skip
+    run_bundle(
+        "inference",
+        configs("cxr14_cls", "inference", "demo"),
+        input_files=[str(image)],
+        bundle_root=run,
+        output_file=out,
+        **{k: json.dumps(v) for k, v in CASES["cxr14_cls"].tiny.items()},
+    )
     return [float(v) for v in out.read_text().splitlines()[1].split(",")[1:]]

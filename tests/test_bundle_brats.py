@@ -46,15 +46,29 @@ def bundle_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(dataset, bundle_root) -> Path:
     # mask ratio 0.5: 4 of the 8 tokens masked, a less noisy loss than the default's single token
-    run_bundle("pretrain", configs(BUNDLE, "pretrain", "demo"), dataset_dir=dataset, bundle_root=bundle_root,
-               max_epochs=PRETRAIN_EPOCHS, mask_ratio=0.5, **TINY)  # fmt: skip
+    run_bundle(
+        "pretrain",
+        configs(BUNDLE, "pretrain", "demo"),
+        dataset_dir=dataset,
+        bundle_root=bundle_root,
+        max_epochs=PRETRAIN_EPOCHS,
+        mask_ratio=0.5,
+        **TINY,
+    )
     return bundle_root / "models" / "mae_pretrain.pt"
 
 
 @pytest.fixture(scope="module")
 def finetuned(dataset, bundle_root, pretrained) -> Path:
-    run_bundle("finetune", configs(BUNDLE, "finetune", "demo"), dataset_dir=dataset, bundle_root=bundle_root,
-               max_epochs=FINETUNE_EPOCHS, val_interval=10, **TINY)  # fmt: skip
+    run_bundle(
+        "finetune",
+        configs(BUNDLE, "finetune", "demo"),
+        dataset_dir=dataset,
+        bundle_root=bundle_root,
+        max_epochs=FINETUNE_EPOCHS,
+        val_interval=10,
+        **TINY,
+    )
     return bundle_root / "models" / "model.pt"
 
 

@@ -147,15 +147,26 @@ def test_evaluate_and_inference_follow_the_weights_run_record(pipeline):
 
 
 def bundle_cmd(config: str, *args) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", "run", config, "--config_file", configs("btcv_seg", config, "demo"), *map(str, args)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        config,
+        "--config_file",
+        configs("btcv_seg", config, "demo"),
+        *map(str, args),
+    ]
 
 
 def test_an_override_that_contradicts_the_weights_is_a_one_line_error(pipeline):
     data, out = pipeline
     proc = test_errors.run(bundle_cmd("evaluate", "--dataset_dir", data, "--bundle_root", out, "--hidden_size", 96))
     models = out / "models"
-    message = (f"--hidden_size 96 contradicts {models / 'finetune_run.json'} (hidden_size 48, the weights in "
-               f"{models / 'model.pt'} were trained with it): leave --hidden_size out")  # fmt: skip
+    message = (
+        f"--hidden_size 96 contradicts {models / 'finetune_run.json'} (hidden_size 48, the weights in "
+        f"{models / 'model.pt'} were trained with it): leave --hidden_size out"
+    )
     test_errors.assert_short(proc, message).unlink()
 
 
@@ -164,9 +175,18 @@ def test_weights_that_do_not_fit_are_a_one_line_error(pipeline, tmp_path):
     data, out = pipeline
     shutil.copy(out / "models" / "model.pt", tmp_path / "model.pt")
     proc = test_errors.run(
-        bundle_cmd("inference", "--bundle_root", out, "--input_dir", data / "RawData/Testing/img",
-                   "--output_dir", tmp_path / "out", "--checkpoint", tmp_path / "model.pt")
-    )  # fmt: skip
+        bundle_cmd(
+            "inference",
+            "--bundle_root",
+            out,
+            "--input_dir",
+            data / "RawData/Testing/img",
+            "--output_dir",
+            tmp_path / "out",
+            "--checkpoint",
+            tmp_path / "model.pt",
+        )
+    )
     message = f"{tmp_path / 'model.pt'} does not fit the network this config builds: tensors "
     test_errors.assert_short(proc, message).unlink()
     assert "encoder.pos_embed [1, 9, 48] in the file, [1, 28, 96] in the network" in proc.stderr

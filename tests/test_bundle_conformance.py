@@ -244,8 +244,13 @@ def test_network_takes_the_metadata_input_shape(bundle):
     from monai.bundle import verify_net_in_out
 
     # the metadata's own input shape and channels; a narrow ViT (hidden_size) keeps it quick on a CPU
-    verify_net_in_out(net_id="network_def", meta_file=meta_file(bundle), config_file=configs_of(bundle, "inference"),
-                      device="cpu", hidden_size=48)  # fmt: skip
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=meta_file(bundle),
+        config_file=configs_of(bundle, "inference"),
+        device="cpu",
+        hidden_size=48,
+    )
 
 
 def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(bundle, checkpoint, tmp_path):
@@ -254,9 +259,17 @@ def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(bundle, checkp
 
     case = CASES[bundle]
     ts_file = tmp_path / "model.ts"
-    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(checkpoint), meta_file=meta_file(bundle),
-                config_file=configs_of(bundle, "inference", "demo"), key_in_ckpt="model", use_trace=True,
-                input_shape=list(case.input_shape), **case.tiny)  # fmt: skip
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_file),
+        ckpt_file=str(checkpoint),
+        meta_file=meta_file(bundle),
+        config_file=configs_of(bundle, "inference", "demo"),
+        key_in_ckpt="model",
+        use_trace=True,
+        input_shape=list(case.input_shape),
+        **case.tiny,
+    )
     scripted, meta, extra = load_net_with_metadata(str(ts_file), more_extra_files=("inference.json",))
     assert meta["version"] == json.loads(Path(meta_file(bundle)).read_text())["version"]
     assert "network_def" in json.loads(extra["inference.json"])  # the config travels inside the TorchScript file

@@ -62,9 +62,12 @@ def runs(tmp_path_factory) -> dict:
         bundle_root = root / "bundle"
         common = dict(dataset_dir=dataset, bundle_root=bundle_root, **TINY)
         # mask ratio 0.5: half the few tokens of the small ROI masked, a less noisy loss than the default's
-        stages = [("pretrain", dict(max_epochs=pre_epochs, mask_ratio=0.5)),
-                  ("finetune", dict(max_epochs=fine_epochs, val_interval=fine_epochs // 2)),
-                  ("evaluate", {}), ("inference", dict(input_dir=dataset / "imagesTs"))]  # fmt: skip
+        stages = [
+            ("pretrain", dict(max_epochs=pre_epochs, mask_ratio=0.5)),
+            ("finetune", dict(max_epochs=fine_epochs, val_interval=fine_epochs // 2)),
+            ("evaluate", {}),
+            ("inference", dict(input_dir=dataset / "imagesTs")),
+        ]
         for stage, extra in stages:
             if layout == "mr":  # plain `run` (no id) for inference, as MONAI tools call a bundle
                 run_bundle(None if stage == "inference" else stage, configs(BUNDLE, stage, "demo"), **common, **extra)
@@ -87,8 +90,16 @@ def untrained_mr(runs) -> dict:
     checkpoint = bundle_root / "untrained.pt"
     torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, checkpoint)
     out_dir = bundle_root / "eval_untrained"
-    run_here("evaluate", "evaluate", "demo", dataset_dir=dataset, bundle_root=bundle_root, checkpoint=checkpoint,
-             output_dir=out_dir, **TINY)  # fmt: skip
+    run_here(
+        "evaluate",
+        "evaluate",
+        "demo",
+        dataset_dir=dataset,
+        bundle_root=bundle_root,
+        checkpoint=checkpoint,
+        output_dir=out_dir,
+        **TINY,
+    )
     return json.loads((out_dir / "summary.json").read_text())
 
 
@@ -160,8 +171,16 @@ def test_overrides_beat_the_derived_defaults(runs):
     dataset, _ = runs["mr"]
     parser = ConfigParser()
     parser.read_config([str(REPO / "bundles" / BUNDLE / "configs" / f"{n}.yaml") for n in ("finetune", "demo")])
-    parser.update({"dataset_dir": str(dataset), "roi_size": [48, 48, 32], "normalization": "window", "hu_min": 0,
-                   "hu_max": 100, **TINY})  # fmt: skip
+    parser.update(
+        {
+            "dataset_dir": str(dataset),
+            "roi_size": [48, 48, 32],
+            "normalization": "window",
+            "hu_min": 0,
+            "hu_max": 100,
+            **TINY,
+        }
+    )
     assert parser.get_parsed_content("network_def#img_size") == [48, 48, 32]
     assert parser.get_parsed_content("train#augmentation#0#spatial_size") == [48, 48, 32]
     intensity = parser.get_parsed_content("preprocessing#3")
@@ -197,10 +216,16 @@ def test_network_takes_the_metadata_input_shape():
     meta_file = REPO / "bundles" / BUNDLE / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text())["network_data_format"]
     image, pred = meta["inputs"]["image"], meta["outputs"]["pred"]
-    verify_net_in_out(net_id="network_def", meta_file=str(meta_file), device="cpu", hidden_size=48,
-                      config_file=str(REPO / "bundles" / BUNDLE / "configs" / "inference.yaml"),
-                      in_channels=image["num_channels"], out_channels=pred["num_channels"],
-                      roi_size=image["spatial_shape"])  # fmt: skip
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(meta_file),
+        device="cpu",
+        hidden_size=48,
+        config_file=str(REPO / "bundles" / BUNDLE / "configs" / "inference.yaml"),
+        in_channels=image["num_channels"],
+        out_channels=pred["num_channels"],
+        roi_size=image["spatial_shape"],
+    )
 
 
 @pytest.mark.parametrize("workflow_type, config", [("train", "finetune"), ("infer", "inference")])
@@ -228,9 +253,18 @@ def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(runs, tmp_path
     roi = msd.dataset_properties(dataset / "datalist.json")["roi_size"]
     ts_file, checkpoint = tmp_path / "model.ts", bundle_root / "models" / "model.pt"
     # the best-validation model.pt holds the state dict itself (CheckpointSaver with one object)
-    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(checkpoint), key_in_ckpt="",
-                meta_file=str(REPO / "bundles" / BUNDLE / "configs" / "metadata.json"), config_file=files,
-                use_trace=True, input_shape=[1, 2, *roi], dataset_dir=str(dataset), **TINY)  # fmt: skip
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_file),
+        ckpt_file=str(checkpoint),
+        key_in_ckpt="",
+        meta_file=str(REPO / "bundles" / BUNDLE / "configs" / "metadata.json"),
+        config_file=files,
+        use_trace=True,
+        input_shape=[1, 2, *roi],
+        dataset_dir=str(dataset),
+        **TINY,
+    )
     scripted, _, _ = load_net_with_metadata(str(ts_file))
     parser = ConfigParser()
     parser.read_config(files)
@@ -250,8 +284,13 @@ def test_exported_run_needs_no_datalist(runs, tmp_path):
     import sys
 
     dataset, bundle_root = runs["ct"]
-    proc = subprocess.run([sys.executable, "tools/export_bundle.py", "--run", str(bundle_root), "--out", str(tmp_path),
-                           "--no-zip"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "tools/export_bundle.py", "--run", str(bundle_root), "--out", str(tmp_path), "--no-zip"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     exported, out = tmp_path / BUNDLE, tmp_path / "predictions"
     # the task's class names (MONAI Label shows them and writes them into DICOM SEG), not the bundle's generic ones
@@ -259,9 +298,23 @@ def test_exported_run_needs_no_datalist(runs, tmp_path):
     labels = json.loads((dataset / "datalist.json").read_text())["properties"]["labels"]
     assert pred["channel_def"] == labels and pred["num_channels"] == len(labels)
     assert "spleen" in labels.values()
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml",
-           "--input_dir", str(dataset / "imagesTs"), "--output_dir", str(out), "--dataset_dir", str(tmp_path / "none"),
-           "--datalist_file", str(tmp_path / "none" / "datalist.json")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--input_dir",
+        str(dataset / "imagesTs"),
+        "--output_dir",
+        str(out),
+        "--dataset_dir",
+        str(tmp_path / "none"),
+        "--datalist_file",
+        str(tmp_path / "none" / "datalist.json"),
+    ]
     proc = subprocess.run(cmd, cwd=exported, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for seg in sorted((bundle_root / "predictions").glob("*_seg.nii.gz")):
@@ -283,12 +336,29 @@ def test_torchrun_two_processes_and_resume(tmp_path):
     common = dict(dataset_dir=dataset, bundle_root=out, batch_size=1, **TINY)
 
     def torchrun(stage: str, **overrides) -> str:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "monai.bundle",
-               "run", stage, "--config_file", configs(BUNDLE, stage, f"multi_gpu_{stage}", "demo")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            "-m",
+            "monai.bundle",
+            "run",
+            stage,
+            "--config_file",
+            configs(BUNDLE, stage, f"multi_gpu_{stage}", "demo"),
+        ]
         for key, value in {**common, **overrides}.items():
             cmd += [f"--{key}", str(value)]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))  # fmt: skip
+        proc = subprocess.run(
+            cmd,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         return proc.stdout + proc.stderr
 
@@ -300,7 +370,8 @@ def test_torchrun_two_processes_and_resume(tmp_path):
     assert (out / "models" / "model.pt").is_file()  # best validation model, saved by rank 0
 
     # resume: continue the single-process pre-training from its newest checkpoint
-    log = run_bundle("pretrain", configs(BUNDLE, "pretrain", "demo"), max_epochs=5, save_interval=1, resume=True,
-                     **common).stdout  # fmt: skip
+    log = run_bundle(
+        "pretrain", configs(BUNDLE, "pretrain", "demo"), max_epochs=5, save_interval=1, resume=True, **common
+    ).stdout
     assert "Resuming from" in log and "Epoch: 4/5" in log and "Epoch: 1/5" not in log
     assert len(read_losses(out / "logs/pretrain/loss.csv")) == 5

@@ -33,8 +33,20 @@ def tiny_pretrain(bundle: str, tmp_path, **overrides) -> tuple[ConfigParser, dic
         channels = {"brats_seg": 4}.get(bundle, 1)
         size = dict(roi_size=[64, 32, 32], in_channels=channels)  # 4 x 2 x 2 tokens
         batch = {"image": torch.rand(2, channels, 64, 32, 32)}
-    p = parser(bundle, "pretrain", bundle_root=str(tmp_path), device="$torch.device('cpu')", amp=False,
-               num_layers=1, max_epochs=1, warmup_epochs=0, micro_batch_size=0, **TINY_WIDTH, **size, **overrides)  # fmt: skip
+    p = parser(
+        bundle,
+        "pretrain",
+        bundle_root=str(tmp_path),
+        device="$torch.device('cpu')",
+        amp=False,
+        num_layers=1,
+        max_epochs=1,
+        warmup_epochs=0,
+        micro_batch_size=0,
+        **TINY_WIDTH,
+        **size,
+        **overrides,
+    )
     p["train#dataloader"], p["train#data"], p["train#handlers"] = [batch], [{}], []
     return p, batch, 16
 
@@ -74,8 +86,16 @@ def test_the_bundles_unetr_takes_its_skips_from_blocks_4_7_10(bundle, stage):
     outputs of blocks 4, 7 and 10 counted from 1 (REFERENCE.md: hidden_states_out[3], [6], [9]); a skip index
     changed in a bundle's configs, consistently or not, fails here."""
     channels = {"brats_seg": 4}.get(bundle, 1)
-    p = parser(bundle, stage, roi_size=[32, 32, 32], in_channels=channels, out_channels=2, hidden_size=48,
-               num_heads=4, feature_size=8)  # fmt: skip
+    p = parser(
+        bundle,
+        stage,
+        roi_size=[32, 32, 32],
+        in_channels=channels,
+        out_channels=2,
+        hidden_size=48,
+        num_heads=4,
+        feature_size=8,
+    )
     unetr = p.get_parsed_content("network_def").eval()
     assert len(unetr.encoder.blocks) == 12
     block_out, skip_in = hidden_state_outputs(unetr)

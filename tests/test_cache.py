@@ -34,8 +34,9 @@ def volumes(tmp_path_factory) -> list[str]:
     files = []
     for i in range(6):
         path = folder / f"ct{i}.nii.gz"
-        nib.save(nib.Nifti1Image(rng.integers(-200, 300, (20, 18, 16)).astype(np.int16), np.diag([1.5, 1.5, 2.0, 1])),
-                 path)  # fmt: skip
+        nib.save(
+            nib.Nifti1Image(rng.integers(-200, 300, (20, 18, 16)).astype(np.int16), np.diag([1.5, 1.5, 2.0, 1])), path
+        )
         files.append(str(path))
     return files
 

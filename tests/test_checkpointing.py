@@ -153,8 +153,13 @@ def _resume_on_rank(rank: int, store: str, ckpt_dirs: list) -> str:
 
     from selfmedmae_components.handlers import attach_resume
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(ckpt_dirs),
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=len(ckpt_dirs),
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         path = attach_resume(Engine(lambda e, b: None), True, ckpt_dirs[rank], "mae", {"model": torch.nn.Linear(1, 1)})
         return f"resumes from {Path(path).name}"
@@ -197,18 +202,28 @@ def test_the_ranks_of_a_run_resume_from_one_checkpoint_or_none(tmp_path):
         for epoch in epochs:
             torch.save({"model": torch.nn.Linear(1, 1).state_dict()}, folder / f"mae_checkpoint_epoch={epoch}.pt")
     assert resume_in_two_processes(tmp_path / "a", [str(shared), str(shared)]) == {
-        0: "resumes from mae_checkpoint_epoch=4.pt", 1: "resumes from mae_checkpoint_epoch=4.pt"}  # fmt: skip
+        0: "resumes from mae_checkpoint_epoch=4.pt",
+        1: "resumes from mae_checkpoint_epoch=4.pt",
+    }
     answers = resume_in_two_processes(tmp_path / "b", [str(shared), str(stale)])
     for rank in (0, 1):
-        assert answers[rank].startswith("FileNotFoundError: resume=true: the processes would not resume from one "
-                                        "checkpoint (rank 0: "), answers  # fmt: skip
-        assert "rank 0: " + str(shared / "mae_checkpoint_epoch=4.pt") + "; rank 1: " + str(
-            stale / "mae_checkpoint_epoch=2.pt") + "). ckpt_dir (bundle_root) must be one folder" in answers[rank]  # fmt: skip
+        assert answers[rank].startswith(
+            "FileNotFoundError: resume=true: the processes would not resume from one checkpoint (rank 0: "
+        ), answers
+        assert (
+            "rank 0: "
+            + str(shared / "mae_checkpoint_epoch=4.pt")
+            + "; rank 1: "
+            + str(stale / "mae_checkpoint_epoch=2.pt")
+            + "). ckpt_dir (bundle_root) must be one folder"
+            in answers[rank]
+        )
         assert answers[rank].endswith("every node shares."), answers[rank]
     answers = resume_in_two_processes(tmp_path / "c", [str(shared), str(tmp_path / "empty")])
     assert answers[1].startswith("FileNotFoundError: resume=true but no 'mae_checkpoint_epoch=N.pt'")
-    assert answers[0].startswith("FileNotFoundError: resume=true: the processes would not resume from one "
-                                 "checkpoint (rank 1: resume=true but no"), answers[0]  # fmt: skip
+    assert answers[0].startswith(
+        "FileNotFoundError: resume=true: the processes would not resume from one checkpoint (rank 1: resume=true but no"
+    ), answers[0]
     assert "rank 0" not in answers[0]  # only the rank that failed is named
     assert "every node shares" in answers[0]
 
@@ -299,8 +314,13 @@ def test_files_hold_the_state_are_written_beside_their_target_and_readable_by_th
 def test_a_checkpoint_removed_by_hand_does_not_stop_the_run(tmp_path):
     net = torch.nn.Linear(2, 2)
     engine = make_engine(net)
-    AtomicCheckpointSaver(str(tmp_path), {"model": net, "opt": engine.optimizer}, file_prefix="mae",  # positional
-                          save_interval=1, n_saved=1).attach(engine)  # fmt: skip
+    AtomicCheckpointSaver(
+        str(tmp_path),
+        {"model": net, "opt": engine.optimizer},
+        file_prefix="mae",  # positional
+        save_interval=1,
+        n_saved=1,
+    ).attach(engine)
     engine.add_event_handler(Events.EPOCH_STARTED(once=2), lambda e: (tmp_path / "mae_checkpoint_epoch=1.pt").unlink())
     engine.run([1, 2], max_epochs=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mae_checkpoint_epoch=3.pt"]
@@ -313,8 +333,13 @@ def resumed_run(tmp_path, n_saved, epochs=(1, 2)) -> list:
     for epoch in epochs:
         torch.save({"model": net.state_dict()}, tmp_path / f"mae_checkpoint_epoch={epoch}.pt")
     engine = make_engine(net)
-    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net, "opt": engine.optimizer},
-                          file_prefix="mae", save_interval=1, n_saved=n_saved).attach(engine)  # fmt: skip
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path),
+        save_dict={"model": net, "opt": engine.optimizer},
+        file_prefix="mae",
+        save_interval=1,
+        n_saved=n_saved,
+    ).attach(engine)
     engine.add_event_handler(Events.STARTED, resume_at_epoch_2)
     seen = []
     engine.add_event_handler(
@@ -329,8 +354,11 @@ def test_a_resumed_run_keeps_n_saved_across_the_restart(tmp_path, caplog):
     (tmp_path / "two").mkdir()
     assert resumed_run(tmp_path / "two", n_saved=2) == [["h=2", "h=3"], ["h=3", "h=4"]]
     removed = [r.getMessage() for r in caplog.records if "superseded" in r.getMessage()]
-    assert removed == [f"Removing {tmp_path / 'two' / f'mae_checkpoint_epoch={n}.pt'}: superseded by this resumed "
-                       "run's checkpoint (n_saved=2)." for n in (1, 2)]  # fmt: skip
+    assert removed == [
+        f"Removing {tmp_path / 'two' / f'mae_checkpoint_epoch={n}.pt'}: superseded by this resumed "
+        "run's checkpoint (n_saved=2)."
+        for n in (1, 2)
+    ]
     (tmp_path / "all").mkdir()  # n_saved None: every checkpoint is kept, the interrupted run's too
     assert resumed_run(tmp_path / "all", n_saved=None)[-1] == ["h=1", "h=2", "h=3", "h=4"]
 
@@ -339,8 +367,9 @@ def test_a_single_object_savers_stale_temporary_file_is_removed_with_a_warning(t
     net = torch.nn.Linear(2, 2)
     stale = tmp_path / ".mae_model_epoch=3.pt.x1y2.tmp"  # a saver of one object names its files after it
     stale.write_bytes(b"PK\x03\x04 half")
-    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, file_prefix="mae", save_interval=1,
-                          n_saved=1).attach(make_engine(net))  # fmt: skip
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": net}, file_prefix="mae", save_interval=1, n_saved=1
+    ).attach(make_engine(net))
     assert not stale.exists()
     assert f"Removing {stale}, left by a run that stopped while writing it." in [r.getMessage() for r in caplog.records]
 
@@ -352,8 +381,14 @@ def test_an_iteration_level_saver_resumed_keeps_n_saved_in_iterations(tmp_path):
     for iteration in (2, 4):
         torch.save({"model": net.state_dict()}, tmp_path / f"mae_checkpoint_iteration={iteration}.pt")
     engine = make_engine(net)
-    AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net, "opt": engine.optimizer},
-                          file_prefix="mae", save_interval=1, epoch_level=False, n_saved=1).attach(engine)  # fmt: skip
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path),
+        save_dict={"model": net, "opt": engine.optimizer},
+        file_prefix="mae",
+        save_interval=1,
+        epoch_level=False,
+        n_saved=1,
+    ).attach(engine)
     engine.add_event_handler(Events.STARTED, resume_at_epoch_2)  # iteration 4 of epoch_length 2
     seen = []
     engine.add_event_handler(

@@ -38,8 +38,13 @@ def test_cuda_run_setup_autotunes_and_uses_tf32():
 def test_cuda_fp16_scaler_state_survives_a_resume():
     net = torch.nn.Linear(8, 2).to(CUDA)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
-    engine = SimpleNamespace(state=SimpleNamespace(device=CUDA), non_blocking=True, network=net, optimizer=opt,
-                             loss_function=torch.nn.functional.mse_loss)  # fmt: skip
+    engine = SimpleNamespace(
+        state=SimpleNamespace(device=CUDA),
+        non_blocking=True,
+        network=net,
+        optimizer=opt,
+        loss_function=torch.nn.functional.mse_loss,
+    )
     batch = {"image": torch.randn(4, 8), "label": torch.randn(4, 2)}
     first = TrainingStep(amp=True, amp_dtype="float16")
     first(engine, batch)
@@ -84,9 +89,24 @@ def test_cuda_benchmark_reports_step_and_total_memory(tmp_path):
     spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    benchmark.main(preset="btcv", parts="mae,finetune", device="cuda", roi_size=32, hidden_size=96, num_layers=2, num_heads=4,
-                   decoder_hidden_size=96, decoder_num_layers=1, decoder_num_heads=4, feature_size=8, mask_ratios=0.75,
-                   repeats=2, warmup=1, batch=2, out=str(tmp_path / "b.json"))  # fmt: skip
+    benchmark.main(
+        preset="btcv",
+        parts="mae,finetune",
+        device="cuda",
+        roi_size=32,
+        hidden_size=96,
+        num_layers=2,
+        num_heads=4,
+        decoder_hidden_size=96,
+        decoder_num_layers=1,
+        decoder_num_heads=4,
+        feature_size=8,
+        mask_ratios=0.75,
+        repeats=2,
+        warmup=1,
+        batch=2,
+        out=str(tmp_path / "b.json"),
+    )
     results = json.loads((tmp_path / "b.json").read_text())
     assert results["env"]["float32_matmul"] == "tf32" and results["env"]["cudnn_benchmark"]
     for row in results["mae"] + results["finetune"]:

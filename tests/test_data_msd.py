@@ -20,8 +20,10 @@ from selfmedmae_components.transforms.msd import intensity
 def sets(tmp_path_factory) -> dict[str, Path]:
     """{layout: dataset folder} of 8 labelled and 1 test case each (untouched: tests copy before breaking)."""
     root = tmp_path_factory.mktemp("msd_sets")
-    return {layout: Path(demo.make_demo(root, layout=layout, num_cases=8, num_test_cases=1, shape=(24, 24, 12)))
-            for layout in demo.LAYOUTS}  # fmt: skip
+    return {
+        layout: Path(demo.make_demo(root, layout=layout, num_cases=8, num_test_cases=1, shape=(24, 24, 12)))
+        for layout in demo.LAYOUTS
+    }
 
 
 def copy(folder: Path, tmp_path: Path) -> Path:
@@ -62,8 +64,14 @@ def test_ct_window_is_the_foreground_percentiles_of_the_training_cases(sets, tmp
 
 
 def test_given_settings_replace_the_derived_ones(sets, tmp_path):
-    data = msd.prepare_datalist(sets["ct"], output=tmp_path / "d.json", hu_window=[-100, 240], pixdim=[2.0, 2.0, 3.0],
-                                roi_size=[64, 64, 32], check_files=False)  # fmt: skip
+    data = msd.prepare_datalist(
+        sets["ct"],
+        output=tmp_path / "d.json",
+        hu_window=[-100, 240],
+        pixdim=[2.0, 2.0, 3.0],
+        roi_size=[64, 64, 32],
+        check_files=False,
+    )
     props = data["properties"]
     assert (props["hu_min"], props["hu_max"], props["pixdim"], props["roi_size"]) == (
         -100,
@@ -124,8 +132,9 @@ def test_bad_dataset_json_is_explained(tmp_path):
         msd.prepare_datalist(tmp_path)
     with pytest.raises(DatasetError, match="not a valid MSD dataset.json"):
         msd.prepare_datalist(tmp_path / "Task09_Spleen")
-    (tmp_path / "Task09_Spleen" / "dataset.json").write_text(json.dumps(
-        {"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": []}))  # fmt: skip
+    (tmp_path / "Task09_Spleen" / "dataset.json").write_text(
+        json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": []})
+    )
     with pytest.raises(DatasetError, match="background"):
         msd.prepare_datalist(tmp_path / "Task09_Spleen")
 
@@ -158,8 +167,13 @@ def test_prepare_tool_dispatches_msd(sets, tmp_path):
     from bundle_runner import REPO
 
     out = tmp_path / "d.json"
-    proc = subprocess.run([sys.executable, "tools/prepare.py", "msd", str(sets["ct"]), "--output", str(out),
-                           "--hu_window", "[-50,200]"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "tools/prepare.py", "msd", str(sets["ct"]), "--output", str(out), "--hu_window", "[-50,200]"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     props = json.loads(out.read_text())["properties"]
     assert (props["hu_min"], props["hu_max"]) == (-50, 200)

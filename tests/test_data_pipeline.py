@@ -86,8 +86,10 @@ def plain(x) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ compact cache
-@pytest.mark.parametrize("bundle,config", [("btcv_seg", "pretrain"), ("btcv_seg", "finetune"),
-                                           ("brats_seg", "pretrain"), ("brats_seg", "finetune")])  # fmt: skip
+@pytest.mark.parametrize(
+    "bundle,config",
+    [("btcv_seg", "pretrain"), ("btcv_seg", "finetune"), ("brats_seg", "pretrain"), ("brats_seg", "finetune")],
+)
 def test_compact_cache_holds_the_float32_values_within_float16_rounding(cases, bundle, config):
     cached, _ = split_at_cache(training_chain(bundle, config, mae_crops="label"))
     for item in cases[bundle]:
@@ -145,9 +147,15 @@ def test_btcv_crops_from_cached_centres_are_the_crops_drawn_before(cases, config
     cached, random = split_at_cache(chain)
     crop = random.transforms[0]
     before_crop = RandCropByPosNegLabeld(  # the crop as the configs had it before
-        keys=["image", "label"], label_key="label", spatial_size=crop.cropper.spatial_size, pos=1, neg=1,
-        num_samples=crop.cropper.num_samples, image_key="image", image_threshold=0,
-    )  # fmt: skip
+        keys=["image", "label"],
+        label_key="label",
+        spatial_size=crop.cropper.spatial_size,
+        pos=1,
+        neg=1,
+        num_samples=crop.cropper.num_samples,
+        image_key="image",
+        image_threshold=0,
+    )
     before_cached = Compose([t for t in without_casts(cached).transforms if type(t).__name__ != "FgBgToIndicesd"])
     before_random = Compose([before_crop, *without_casts(random).transforms[1:]])
     for item in cases["btcv_seg"]:
@@ -213,14 +221,19 @@ def test_persistent_workers_replay_an_epoch_as_a_resumed_run_draws_it(workers):
     from monai.transforms import EnsureTyped, RandFlipd, RandSpatialCropSamplesd
 
     data = [{"image": torch.arange(4096.0).reshape(1, 16, 16, 16) + 1e4 * i} for i in range(6)]
-    transform = Compose([EnsureTyped("image", track_meta=False),
-                         RandSpatialCropSamplesd("image", (4, 4, 4), num_samples=2, random_size=False),
-                         RandFlipd("image", prob=0.5, spatial_axis=0)])  # fmt: skip
+    transform = Compose(
+        [
+            EnsureTyped("image", track_meta=False),
+            RandSpatialCropSamplesd("image", (4, 4, 4), num_samples=2, random_size=False),
+            RandFlipd("image", prob=0.5, spatial_axis=0),
+        ]
+    )
     dataset = CacheDataset(data, transform, progress=False, copy_cache=False)
 
     def loader() -> EpochSeededDataLoader:
-        return EpochSeededDataLoader(dataset, batch_size=2, shuffle=True, num_workers=workers,
-                                     persistent_workers=workers > 0)  # fmt: skip
+        return EpochSeededDataLoader(
+            dataset, batch_size=2, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+        )
 
     straight = epochs(loader(), [1, 2, 3])  # one loader, its workers kept over the three epochs
     resumed = epochs(loader(), [3])  # a run resumed at the third epoch: new workers
@@ -288,7 +301,13 @@ def test_loader_workers_build_each_batch_in_memory_they_already_hold():
     freed batch and fault every page of the next one in again (about 10 000 faults for 40 MB)."""
     from selfmedmae_components.data.loader import EpochSeededDataLoader, _worker_init
 
-    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_OF_A_BATCH, mode], capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("default", "retain")}  # fmt: skip
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", FAULTS_OF_A_BATCH, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("default", "retain")
+    }
     assert faults["default"] > 9000 and faults["retain"] < 500, faults
     assert EpochSeededDataLoader([1, 2], num_workers=1).worker_init_fn is _worker_init

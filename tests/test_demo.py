@@ -22,8 +22,13 @@ MIN_SCORE = {"btcv_seg": ("8 organs (paper)", 0.15), "brats_seg": ("mean (WT, TC
 
 
 def test_readme_demo_learns_on_every_bundle(tmp_path):
-    proc = subprocess.run([sys.executable, "tools/demo.py", "--workdir", str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=3600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "tools/demo.py", "--workdir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "demo finished" in proc.stdout
     for bundle, (group, minimum) in MIN_SCORE.items():

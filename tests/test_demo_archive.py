@@ -42,10 +42,19 @@ def test_layout_as_documented(archive):
     assert sum(a != b for a, b in zip(series, series[1:])) > len(series) // 2  # A1 and A2 interleaved
     nested = desc["sources"]["series_1"]["paths"]
     assert {str(Path(p).parent.relative_to(out / "archive")) for p in nested} == {
-        "study_b/series_1/part1", "study_b/series_1/part2/more"}  # fmt: skip
-    assert {"archive/README.txt", "archive/study_b/screenshot.dcm", "archive/study_c/broken.dcm",
-            "archive/volumes/case_nifti.nii.gz", "archive/volumes/case_nrrd.nrrd", "labels/series_1.seg.nrrd",
-            "labels/case_nifti.nii.gz", "labels/case_nrrd.nrrd"} <= set(files)  # fmt: skip
+        "study_b/series_1/part1",
+        "study_b/series_1/part2/more",
+    }
+    assert {
+        "archive/README.txt",
+        "archive/study_b/screenshot.dcm",
+        "archive/study_c/broken.dcm",
+        "archive/volumes/case_nifti.nii.gz",
+        "archive/volumes/case_nrrd.nrrd",
+        "labels/series_1.seg.nrrd",
+        "labels/case_nifti.nii.gz",
+        "labels/case_nrrd.nrrd",
+    } <= set(files)
     listed = {str(Path(p).relative_to(out)) for s in desc["sources"].values() for p in s["paths"]}
     assert listed | {str(Path(lab["path"]).relative_to(out)) for lab in desc["labels"].values()} == set(files)
     missing = desc["sources"]["missing_slice"]
@@ -103,8 +112,10 @@ def test_nifti_and_nrrd_volumes_hold_the_painted_cases(archive):
     for name in ("case_nifti", "case_nrrd"):
         truth = desc["truth"][name]
         assert truth["image"].dtype == np.int16 and np.diag(truth["affine"])[:2].max() < 0  # LPS voxel order
-        for path, expected in ((desc["sources"][name]["paths"][0], truth["image"]),
-                               (desc["labels"][name]["path"], truth["label"])):  # fmt: skip
+        for path, expected in (
+            (desc["sources"][name]["paths"][0], truth["image"]),
+            (desc["labels"][name]["path"], truth["label"]),
+        ):
             if name == "case_nifti":
                 image = nib.load(path)
                 data, affine = np.asanyarray(image.dataobj), image.affine

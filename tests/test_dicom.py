@@ -91,8 +91,11 @@ def test_scan_in_worker_processes_gives_the_same_series(archive):
 
 def test_volume_problem_says_why_each_archive_series_is_left_out(archive):
     desc, series, _ = archive
-    problems = {name: dicom.volume_problem(series[s["series_key"]])
-                for name, s in desc["sources"].items() if s["kind"] == "dicom"}  # fmt: skip
+    problems = {
+        name: dicom.volume_problem(series[s["series_key"]])
+        for name, s in desc["sources"].items()
+        if s["kind"] == "dicom"
+    }
     assert {n for n, p in problems.items() if p is None} == {"A1", "A2", "series_1"}
     assert problems["localizer"].startswith("localizer (scout) images")
     assert problems["dose_report"] == "not a cross-sectional image: SOP class X-Ray Radiation Dose SR Storage"
@@ -163,30 +166,46 @@ def set_on(datasets, index, keyword, value):
 
 
 CASES = {
-    "segmentation": (lambda d: [set_on(d, i, "SOPClassUID", SegmentationStorage) for i in range(len(d))],
-                     "not a cross-sectional image: SOP class Segmentation Storage"),
-    "private class": (lambda d: set_on(d, 0, "SOPClassUID", "1.2.3.4.5.6"),
-                      "not a cross-sectional image: SOP class a private or unknown one"),
+    "segmentation": (
+        lambda d: [set_on(d, i, "SOPClassUID", SegmentationStorage) for i in range(len(d))],
+        "not a cross-sectional image: SOP class Segmentation Storage",
+    ),
+    "private class": (
+        lambda d: set_on(d, 0, "SOPClassUID", "1.2.3.4.5.6"),
+        "not a cross-sectional image: SOP class a private or unknown one",
+    ),
     "scout": (lambda d: set_on(d, 0, "ImageType", ["ORIGINAL", "PRIMARY", "SCOUT"]), "localizer (scout) images"),
-    "multi-frame": (lambda d: set_on(d, 2, "NumberOfFrames", 4),
-                    "multi-frame (enhanced) images (4 frames in a file): not supported yet; convert them with dcm2niix"),
+    "multi-frame": (
+        lambda d: set_on(d, 2, "NumberOfFrames", 4),
+        "multi-frame (enhanced) images (4 frames in a file): not supported yet; convert them with dcm2niix",
+    ),
     "colour": (lambda d: set_on(d, 1, "SamplesPerPixel", 3), "colour images (SamplesPerPixel 3)"),
     "too few": (lambda d: d.__delitem__(slice(2, None)), "2 image(s): a volume needs at least 3"),
     "no position": (lambda d: d[3].__delattr__("ImagePositionPatient"), "images without ImagePositionPatient"),
     "sizes": (lambda d: set_on(d, 1, "Rows", 12), "images of different sizes in one series (8x10 and 8x12)"),
-    "pixel spacings": (lambda d: set_on(d, 4, "PixelSpacing", [0.9, 0.7]),
-                       "images of different pixel spacings in one series (0.8x0.7 and 0.9x0.7 mm)"),
-    "orientations": (lambda d: set_on(d, 3, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1]),
-                     "images of different orientations in one series (axial and coronal)"),
-    "duplicates": (lambda d: set_on(d, 3, "ImagePositionPatient", d[2].ImagePositionPatient),
-                   "several images at one position (5 positions for 6 images: multi-echo, dynamic or duplicate"),
+    "pixel spacings": (
+        lambda d: set_on(d, 4, "PixelSpacing", [0.9, 0.7]),
+        "images of different pixel spacings in one series (0.8x0.7 and 0.9x0.7 mm)",
+    ),
+    "orientations": (
+        lambda d: set_on(d, 3, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1]),
+        "images of different orientations in one series (axial and coronal)",
+    ),
+    "duplicates": (
+        lambda d: set_on(d, 3, "ImagePositionPatient", d[2].ImagePositionPatient),
+        "several images at one position (5 positions for 6 images: multi-echo, dynamic or duplicate",
+    ),
     "gantry tilt": (tilt, "gantry tilt: the slice positions run 15.0 degrees off the slice normal"),
-    "uneven": (lambda d: shift_from(d, 3, 1.0),
-               "uneven slice spacing: steps from 2.50 to 3.50 mm along the slice normal (usual 2.50 mm)"),
-    "two gaps": (lambda d: (shift_from(d, 2, 2.5), shift_from(d, 4, 5.0)),
-                 "missing slice: a gap of 5.00 mm between positions -27.50 and -22.50 mm along the slice normal, "
-                 "2 times the usual 2.50 mm step (3 slice(s) missing; 2 gaps in all)"),
-}  # fmt: skip
+    "uneven": (
+        lambda d: shift_from(d, 3, 1.0),
+        "uneven slice spacing: steps from 2.50 to 3.50 mm along the slice normal (usual 2.50 mm)",
+    ),
+    "two gaps": (
+        lambda d: (shift_from(d, 2, 2.5), shift_from(d, 4, 5.0)),
+        "missing slice: a gap of 5.00 mm between positions -27.50 and -22.50 mm along the slice normal, "
+        "2 times the usual 2.50 mm step (3 slice(s) missing; 2 gaps in all)",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -306,8 +325,12 @@ def test_jpeg_lossless_written_by_gdcm_loads_the_same(tmp_path):
             io = itk.GDCMImageIO.New()
             io.SetCompressionType(itk.GDCMImageIOEnums.Compression_JPEG)
             io.KeepOriginalUIDOn()
-            itk.imwrite(itk.imread(str(path), itk.SS, imageio=io), str(tmp_path / "jpeg" / path.name), imageio=io,
-                        compression=True)  # fmt: skip
+            itk.imwrite(
+                itk.imread(str(path), itk.SS, imageio=io),
+                str(tmp_path / "jpeg" / path.name),
+                imageio=io,
+                compression=True,
+            )
     finally:  # GDCM's writer leaves the process in the C locale: every later text decode would be ASCII
         locale.setlocale(locale.LC_ALL, saved)
     jpeg = sorted((tmp_path / "jpeg").iterdir())
@@ -369,7 +392,9 @@ def test_dicomdir_raw_files_and_files_without_a_series(tmp_path):
     ds.save_as(tmp_path / "orphan.dcm", enforce_file_format=True)
     series, skipped = dicom.scan_files([tmp_path / "raw", tmp_path / "orphan.dcm"])
     assert [len(s.instances) for s in series] == [1]
-    assert skipped == [(str(tmp_path / "orphan.dcm"), "DICOM file without a SeriesInstanceUID (cannot be grouped into a series)")]  # fmt: skip
+    assert skipped == [
+        (str(tmp_path / "orphan.dcm"), "DICOM file without a SeriesInstanceUID (cannot be grouped into a series)")
+    ]
 
 
 def test_headers_keep_public_attributes_only(tmp_path):

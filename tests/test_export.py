@@ -62,8 +62,21 @@ def tiny_settings(bundle: str) -> list[str]:
 
 
 def export(bundle: str, out: Path, weights: Path) -> Path:
-    proc = subprocess.run([sys.executable, str(REPO / "tools/export_bundle.py"), bundle, "--out", str(out), "--weights", str(weights),
-                           *tiny_settings(bundle)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/export_bundle.py"),
+            bundle,
+            "--out",
+            str(out),
+            "--weights",
+            str(weights),
+            *tiny_settings(bundle),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return out / f"{bundle}.zip"
 
@@ -84,8 +97,13 @@ def test_export_runs_inference_from_an_empty_folder(bundle, data, checkpoint, tm
     elsewhere.mkdir()
 
     # the repository's package cannot be imported there...
-    blocked = subprocess.run([sys.executable, "-c", ISOLATED_RUNNER.split("sys.argv = ")[0] + "import selfmedmae_components", str(root)],
-                             cwd=elsewhere, capture_output=True, text=True, timeout=120)  # fmt: skip
+    blocked = subprocess.run(
+        [sys.executable, "-c", ISOLATED_RUNNER.split("sys.argv = ")[0] + "import selfmedmae_components", str(root)],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert blocked.returncode != 0 and "inside the export" in blocked.stderr, blocked.stderr
 
     # ... and the export's inference config runs: bundle root, weights (models/model.pt) and code from the export
@@ -134,8 +152,11 @@ def test_exported_metadata_lists_every_package_the_code_imports(bundle, checkpoi
     own = {"torch": "pytorch_version", "monai": "monai_version", "numpy": "numpy_version"}
     for py in (root / "selfmedmae_components").rglob("*.py"):
         for node in ast.parse(py.read_text()).body:
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])  # fmt: skip
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            )
             for top in {n.split(".")[0] for n in names}:
                 if top in sys.stdlib_module_names or top in ("selfmedmae_components", "__future__"):
                     continue
@@ -160,7 +181,19 @@ def test_export_refuses_an_unsafe_checkpoint(tmp_path):
 
     bad = tmp_path / "pickled.pt"
     torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, bad)  # needs unpickling
-    proc = subprocess.run([sys.executable, str(REPO / "tools/export_bundle.py"), "btcv_seg", "--out", str(tmp_path / "o"), "--weights", str(bad)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/export_bundle.py"),
+            "btcv_seg",
+            "--out",
+            str(tmp_path / "o"),
+            "--weights",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Refusing to load" in proc.stderr
     assert not (tmp_path / "o" / "btcv_seg").exists()

@@ -68,8 +68,12 @@ def test_a_run_records_its_network(bundle, tmp_path):
 def test_export_of_a_run_builds_the_trained_network(bundle, run, tmp_path):
     from monai.bundle import ConfigParser, verify_metadata
 
-    proc = subprocess.run([*EXPORT, bundle, "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*EXPORT, bundle, "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "dist" / bundle
     # the exported inference config alone (as MONAI Label reads it) builds the tiny network, and the weights fit it
@@ -102,8 +106,12 @@ def test_a_computed_preprocessing_setting_travels_too(tmp_path):
     assert record["settings"]["pixel_mean"] == [0.5, 0.5, 0.5] and record["settings"]["pixel_std"] == [0.225] * 3
     torch.manual_seed(0)
     torch.save({"model": tiny_network("cxr14_cls").state_dict()}, run / "models" / "model.pt")
-    proc = subprocess.run([*EXPORT, "cxr14_cls", "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*EXPORT, "cxr14_cls", "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     inference = yaml.safe_load((tmp_path / "dist" / "cxr14_cls" / "configs" / "inference.yaml").read_text())
     assert inference["pixel_mean"] == [0.5, 0.5, 0.5] and inference["pixel_std"] == [0.225] * 3
@@ -112,8 +120,12 @@ def test_a_computed_preprocessing_setting_travels_too(tmp_path):
 def test_export_refuses_weights_that_do_not_fit(bundle, run, tmp_path):
     # the run's weights with the bundle's default (paper) configs: a ViT-B, where MONAI Label would serve
     # the misfit layers random
-    proc = subprocess.run([*EXPORT, bundle, "--weights", str(run / "models" / "model.pt"), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*EXPORT, bundle, "--weights", str(run / "models" / "model.pt"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "does not fit the network" in proc.stderr and "--run" in proc.stderr, proc.stderr
     assert not (tmp_path / "o" / bundle).exists()
     # a folder without a run record is named as such
@@ -132,16 +144,40 @@ def test_export_of_a_trained_run_predicts_as_the_run(bundle, data, tmp_path):
     dataset_dir, inputs = data
     run = tmp_path / "run"
     tiny = dict(CASES[bundle].tiny)
-    run_bundle("finetune", configs(bundle, "finetune", "demo"), dataset_dir=dataset_dir, bundle_root=run, init_mode="scratch",
-               max_epochs=1, validation_mode="none", **{k: json.dumps(v) for k, v in tiny.items()})  # fmt: skip
-    proc = subprocess.run([*EXPORT, "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    run_bundle(
+        "finetune",
+        configs(bundle, "finetune", "demo"),
+        dataset_dir=dataset_dir,
+        bundle_root=run,
+        init_mode="scratch",
+        max_epochs=1,
+        validation_mode="none",
+        **{k: json.dumps(v) for k, v in tiny.items()},
+    )
+    proc = subprocess.run(
+        [*EXPORT, "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "dist" / bundle
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    exported = isolated(root, ["run", "inference", "--config_file", str(root / "configs/inference.yaml"), "--input_dir", str(inputs),
-                               "--num_workers", "0"], elsewhere)  # fmt: skip
+    exported = isolated(
+        root,
+        [
+            "run",
+            "inference",
+            "--config_file",
+            str(root / "configs/inference.yaml"),
+            "--input_dir",
+            str(inputs),
+            "--num_workers",
+            "0",
+        ],
+        elsewhere,
+    )
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-6000:]
     own = run / "own"
     overrides = {
@@ -183,8 +219,12 @@ monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=f"{bundle}
 def test_exported_train_config_runs_as_monailabel_runs_it(bundle, run, data, tmp_path):
     """Segmentation bundles export configs/train.yaml for MONAI Label's bundle trainer: given the ids it sets
     (datastore images and labels, max epochs, device, handlers), it trains and publishes models/model.pt."""
-    proc = subprocess.run([*EXPORT, bundle, "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*EXPORT, bundle, "--run", str(run), "--out", str(tmp_path / "dist"), "--no-zip"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "dist" / bundle
     if not CASES[bundle].segmentation:
@@ -195,8 +235,13 @@ def test_exported_train_config_runs_as_monailabel_runs_it(bundle, run, data, tmp
     datalist = tmp_path / "datastore.json"
     datalist.write_text(json.dumps([{k: str(dataset_dir / c[k]) for k in ("image", "label")} for c in cases]))
     before = (root / "models" / "model.pt").read_bytes()
-    proc = subprocess.run([sys.executable, "-c", MONAILABEL_TRAIN, str(root), str(datalist)], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", MONAILABEL_TRAIN, str(root), str(datalist)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert (root / "models" / "model.pt").read_bytes() != before
     net = tiny_network(bundle)

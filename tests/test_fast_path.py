@@ -199,8 +199,20 @@ class HostSyncRecorder(TorchDispatchMode):
     flagged wherever the test runs.
     """
 
-    SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-                "unique_consecutive", "unique_dim", "is_nonzero", "equal", "allclose", "repeat_interleave"}  # fmt: skip
+    SYNC_OPS = {
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_consecutive",
+        "unique_dim",
+        "is_nonzero",
+        "equal",
+        "allclose",
+        "repeat_interleave",
+    }
 
     def __init__(self) -> None:
         super().__init__()

@@ -11,8 +11,9 @@ from bundle_runner import REPO
 
 def test_gpu_check_dry_run_writes_one_json_with_every_step(tmp_path):
     env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(REPO / "tools" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] and report["ok"], [
@@ -26,8 +27,11 @@ def test_gpu_check_dry_run_writes_one_json_with_every_step(tmp_path):
     assert sum(name.startswith("tests.test_cuda::") for name in tests) >= 5
     assert set(tests.values()) == {"skipped"}
 
-    for preset, parts in (("btcv", {"mae", "finetune", "sliding_window"}), ("brats", {"mae", "finetune", "sliding_window"}),
-                          ("cxr14", {"mae", "finetune"})):  # fmt: skip
+    for preset, parts in (
+        ("btcv", {"mae", "finetune", "sliding_window"}),
+        ("brats", {"mae", "finetune", "sliding_window"}),
+        ("cxr14", {"mae", "finetune"}),
+    ):
         bench = report["benchmarks"][preset]
         assert parts <= bench.keys(), preset
         ours = [r for part in parts for r in bench[part] if r["name"].startswith("ours") and not r["error"]]

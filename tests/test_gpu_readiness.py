@@ -96,9 +96,16 @@ def test_fp16_grad_scaler_state_survives_a_resume(fp16_on_cpu, tmp_path):
 
     def trainer(step):
         net = seg_net()
-        return SupervisedTrainer(device=CPU, max_epochs=1, train_data_loader=[seg_batch(2)] * 2, network=net,
-                                 optimizer=torch.optim.SGD(net.parameters(), lr=0.01), loss_function=engine_for(net).loss_function,
-                                 iteration_update=step, decollate=False)  # fmt: skip
+        return SupervisedTrainer(
+            device=CPU,
+            max_epochs=1,
+            train_data_loader=[seg_batch(2)] * 2,
+            network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.01),
+            loss_function=engine_for(net).loss_function,
+            iteration_update=step,
+            decollate=False,
+        )
 
     first = TrainingStep(amp=True, amp_dtype="float16")
     trainer(first).run()
@@ -137,8 +144,10 @@ def test_validation_sampler_every_rank_has_a_case_and_every_case_weighs_the_same
     counts = [sum(idx.count(c) for idx in per_rank) for c in range(cases)]
     assert len(set(counts)) == 1, counts
     if cases >= ranks:  # each case once, exactly as MONAI's sampler without padding
-        expected = [list(DistributedSampler(range(cases), even_divisible=False, num_replicas=ranks, rank=r, shuffle=False))
-                    for r in range(ranks)]  # fmt: skip
+        expected = [
+            list(DistributedSampler(range(cases), even_divisible=False, num_replicas=ranks, rank=r, shuffle=False))
+            for r in range(ranks)
+        ]
         assert per_rank == expected
     else:  # what MONAI's does there
         with pytest.raises(ValueError, match="less than the number of participating ranks"):
@@ -159,12 +168,20 @@ def test_each_rank_caches_only_the_validation_cases_it_validates():
 
 @pytest.fixture
 def backend_flags():
-    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32)  # fmt: skip
+    saved = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
-    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
-     torch.backends.cudnn.allow_tf32) = saved  # fmt: skip
+    (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    ) = saved
 
 
 @pytest.mark.parametrize("deterministic", [False, "false", True, "true"])

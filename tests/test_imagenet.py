@@ -19,16 +19,30 @@ def timm_vit(width=WIDTH, depth=DEPTH, grid=14, patch=16, seed=0, head=True):
     """Random tensors with the names and shapes of timm's VisionTransformer (ViT-B/16 layout, small width)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g)
-    sd = {"cls_token": r(1, 1, width), "pos_embed": r(1, 1 + grid * grid, width),
-          "patch_embed.proj.weight": r(width, 3, patch, patch), "patch_embed.proj.bias": r(width)}  # fmt: skip
+    sd = {
+        "cls_token": r(1, 1, width),
+        "pos_embed": r(1, 1 + grid * grid, width),
+        "patch_embed.proj.weight": r(width, 3, patch, patch),
+        "patch_embed.proj.bias": r(width),
+    }
     for i in range(depth):
         b = f"blocks.{i}."
-        sd.update({b + "norm1.weight": r(width), b + "norm1.bias": r(width),
-                   b + "attn.qkv.weight": r(3 * width, width) / width**0.5, b + "attn.qkv.bias": r(3 * width),
-                   b + "attn.proj.weight": r(width, width) / width**0.5, b + "attn.proj.bias": r(width),
-                   b + "norm2.weight": r(width), b + "norm2.bias": r(width),
-                   b + "mlp.fc1.weight": r(4 * width, width) / width**0.5, b + "mlp.fc1.bias": r(4 * width),
-                   b + "mlp.fc2.weight": r(width, 4 * width) / (4 * width) ** 0.5, b + "mlp.fc2.bias": r(width)})  # fmt: skip
+        sd.update(
+            {
+                b + "norm1.weight": r(width),
+                b + "norm1.bias": r(width),
+                b + "attn.qkv.weight": r(3 * width, width) / width**0.5,
+                b + "attn.qkv.bias": r(3 * width),
+                b + "attn.proj.weight": r(width, width) / width**0.5,
+                b + "attn.proj.bias": r(width),
+                b + "norm2.weight": r(width),
+                b + "norm2.bias": r(width),
+                b + "mlp.fc1.weight": r(4 * width, width) / width**0.5,
+                b + "mlp.fc1.bias": r(4 * width),
+                b + "mlp.fc2.weight": r(width, 4 * width) / (4 * width) ** 0.5,
+                b + "mlp.fc2.bias": r(width),
+            }
+        )
     sd.update({"norm.weight": r(width), "norm.bias": r(width)})
     if head:
         sd.update({"head.weight": r(1000, width), "head.bias": r(1000)})
@@ -53,13 +67,23 @@ def timm_forward(sd, x, heads=HEADS):
 
 def to_hf(sd):
     """The same weights with Hugging Face transformers' ViT names."""
-    out = {"vit.embeddings.cls_token": sd["cls_token"], "vit.embeddings.position_embeddings": sd["pos_embed"],
-           "vit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-           "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           "vit.layernorm.weight": sd["norm.weight"], "vit.layernorm.bias": sd["norm.bias"],
-           "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}  # fmt: skip
-    names = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
-             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}  # fmt: skip
+    out = {
+        "vit.embeddings.cls_token": sd["cls_token"],
+        "vit.embeddings.position_embeddings": sd["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "vit.layernorm.weight": sd["norm.weight"],
+        "vit.layernorm.bias": sd["norm.bias"],
+        "classifier.weight": sd["head.weight"],
+        "classifier.bias": sd["head.bias"],
+    }
+    names = {
+        "norm1": "layernorm_before",
+        "attn.proj": "attention.output.dense",
+        "norm2": "layernorm_after",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+    }
     for i in range(DEPTH):
         for kind in ("weight", "bias"):
             for ours, theirs in names.items():
@@ -228,8 +252,16 @@ def test_bundle_builds_the_network_with_init_mode_imagenet(tmp_path):
     torch.save(sd, tmp_path / "vit_b16.pth")
     parser = ConfigParser()
     parser.read_config([REPO / "bundles/btcv_seg/configs/finetune.yaml", REPO / "bundles/btcv_seg/configs/demo.yaml"])
-    parser.update({"roi_size": [32, 32, 32], "hidden_size": WIDTH, "init_mode": "imagenet", "device": "$torch.device('cpu')",
-                   "pretrained_checkpoint": str(tmp_path / "vit_b16.pth"), "bundle_root": str(tmp_path)})  # fmt: skip
+    parser.update(
+        {
+            "roi_size": [32, 32, 32],
+            "hidden_size": WIDTH,
+            "init_mode": "imagenet",
+            "device": "$torch.device('cpu')",
+            "pretrained_checkpoint": str(tmp_path / "vit_b16.pth"),
+            "bundle_root": str(tmp_path),
+        }
+    )
     net = parser.get_parsed_content("network")
     assert torch.equal(net.encoder.blocks[3].norm2.weight, sd["blocks.3.norm2.weight"])
 

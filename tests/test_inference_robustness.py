@@ -171,9 +171,14 @@ def test_failures_in_loading_or_writing_skip_only_their_inputs():
     names = ["a", "bad1", "b", "c", "unwritable", "bad2"]
     dataset = FailSoftDataset([{"image": n} for n in names], transform=Lambdad("image", load))
     report = InferenceReport(output="out/")
-    evaluator = SupervisedEvaluator(device="cpu", val_data_loader=DataLoader(dataset, batch_size=2, collate_fn=collate_loaded),
-                                    network=torch.nn.Identity(), postprocessing=save, val_handlers=[report],
-                                    iteration_update=report.iteration)  # fmt: skip
+    evaluator = SupervisedEvaluator(
+        device="cpu",
+        val_data_loader=DataLoader(dataset, batch_size=2, collate_fn=collate_loaded),
+        network=torch.nn.Identity(),
+        postprocessing=save,
+        val_handlers=[report],
+        iteration_update=report.iteration,
+    )
     with pytest.raises(
         ValueError, match=r"3 of 6 input\(s\) could not be processed \(the other 3 were written to out/\)"
     ):

@@ -33,8 +33,13 @@ import label_efficiency as le  # noqa: E402
 def tiny_datalist(folder: Path, pool: int = 10, evaluation: int = 3, test: int = 2) -> Path:
     """A BTCV-like datalist (file names only: the score runner reads no image)."""
     case = lambda i: {"image": f"img/{i:04d}.nii.gz", "label": f"label/{i:04d}.nii.gz"}
-    datalist = {"name": "tiny", "training": [case(i) for i in range(pool - 2)], "validation": [case(i) for i in range(pool - 2, pool)],
-                "evaluation": [case(100 + i) for i in range(evaluation)], "test": [{"image": f"test/{i}.nii.gz"} for i in range(test)]}  # fmt: skip
+    datalist = {
+        "name": "tiny",
+        "training": [case(i) for i in range(pool - 2)],
+        "validation": [case(i) for i in range(pool - 2, pool)],
+        "evaluation": [case(100 + i) for i in range(evaluation)],
+        "test": [{"image": f"test/{i}.nii.gz"} for i in range(test)],
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "datalist.json").write_text(json.dumps(datalist))
     return folder
@@ -73,9 +78,26 @@ class ScoreRunner:
 
 
 def run_study(work: Path, data: Path, *extra: str):
-    args = ["--bundle", "btcv_seg", "--dataset_dir", str(data), "--labelled", "1,2,4,8", "--seeds", "0,1,2",
-            "--inits", "scratch,mae", "--workdir", str(work), "--preset", "demo", "--finetune_steps", "8",
-            "--no_estimate", *extra]  # fmt: skip
+    args = [
+        "--bundle",
+        "btcv_seg",
+        "--dataset_dir",
+        str(data),
+        "--labelled",
+        "1,2,4,8",
+        "--seeds",
+        "0,1,2",
+        "--inits",
+        "scratch,mae",
+        "--workdir",
+        str(work),
+        "--preset",
+        "demo",
+        "--finetune_steps",
+        "8",
+        "--no_estimate",
+        *extra,
+    ]
     return le.study(
         le.build_parser().parse_args(args), "python tools/label_efficiency.py (test)", runner_factory=ScoreRunner
     )
@@ -181,8 +203,23 @@ def test_bad_input_is_one_line_naming_what_was_expected(tmp_path, runner_log):
     assert "unknown dataset or bundle 'nope'" in str(e.value.code) and "btcv_seg" in str(e.value.code)
     assert runner_log.calls == []  # refused before anything ran
     # as a user sees it: exit status 1, the line on stderr, no traceback
-    proc = subprocess.run([sys.executable, "tools/label_efficiency.py", "--bundle", "btcv_seg", "--dataset_dir", str(data),
-                           "--labelled", "4%", "--workdir", str(tmp_path / "w2")], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/label_efficiency.py",
+            "--bundle",
+            "btcv_seg",
+            "--dataset_dir",
+            str(data),
+            "--labelled",
+            "4%",
+            "--workdir",
+            str(tmp_path / "w2"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "percentages" in proc.stderr
 
 
@@ -214,8 +251,15 @@ def test_mlflow_parent_run_with_a_child_per_cell_and_the_curve(tmp_path, runner_
     assert {k: os.environ.get(k) for k in environ} == environ
 
 
-@pytest.mark.parametrize("make", [lambda: UNETR(1, 3, (16, 16, 16), feature_size=8, hidden_size=48, num_layers=2, num_heads=4, skip_hidden_states=(0, 0, 1)),
-                                  lambda: ViTClassifier(img_size=32, patch_size=16, num_classes=14, hidden_size=48, num_layers=2, num_heads=4)])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: UNETR(
+            1, 3, (16, 16, 16), feature_size=8, hidden_size=48, num_layers=2, num_heads=4, skip_hidden_states=(0, 0, 1)
+        ),
+        lambda: ViTClassifier(img_size=32, patch_size=16, num_classes=14, hidden_size=48, num_layers=2, num_heads=4),
+    ],
+)
 def test_probe_freezes_the_encoder_only(make):
     model = freeze_encoder(make())
     groups = param_groups_layer_decay(model, lr=1e-3)
@@ -245,10 +289,36 @@ def test_real_bundles_killed_between_cells_resume(tmp_path):
     lst.update(training=lst["training"][:2], validation=lst["validation"][:1], evaluation=lst["evaluation"][:1])
     (data / "datalist_tiny.json").write_text(json.dumps(lst))
     work = tmp_path / "w"
-    cmd = [sys.executable, "tools/label_efficiency.py", "--bundle", "btcv_seg", "--dataset_dir", str(data), "--datalist",
-           str(data / "datalist_tiny.json"), "--labelled", "1,2", "--seeds", "0,1", "--workdir", str(work), "--preset", "demo",
-           "--finetune_steps", "2", "--pretrain_epochs", "1", "--no_estimate", "--set", "roi_size=[32,32,32]",
-           "pixdim=[8.0,8.0,8.0]", "hidden_size=48", "num_workers=0", "batch_size=1", "pretrain:decoder_hidden_size=48"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "tools/label_efficiency.py",
+        "--bundle",
+        "btcv_seg",
+        "--dataset_dir",
+        str(data),
+        "--datalist",
+        str(data / "datalist_tiny.json"),
+        "--labelled",
+        "1,2",
+        "--seeds",
+        "0,1",
+        "--workdir",
+        str(work),
+        "--preset",
+        "demo",
+        "--finetune_steps",
+        "2",
+        "--pretrain_epochs",
+        "1",
+        "--no_estimate",
+        "--set",
+        "roi_size=[32,32,32]",
+        "pixdim=[8.0,8.0,8.0]",
+        "hidden_size=48",
+        "num_workers=0",
+        "batch_size=1",
+        "pretrain:decoder_hidden_size=48",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -269,8 +339,13 @@ def test_real_bundles_killed_between_cells_resume(tmp_path):
     probe = tmp_path / "probe"
     mae = work / "pretrain" / "models" / "mae_pretrain.pt"
     cmd_probe = [*cmd[: cmd.index("--workdir") + 1], str(probe), *cmd[cmd.index("--workdir") + 2 :]]
-    subprocess.run([*cmd_probe, "--probe", "--mae_checkpoint", str(mae), "--labelled", "1", "--seeds", "0"], cwd=REPO, env=env,
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*cmd_probe, "--probe", "--mae_checkpoint", str(mae), "--labelled", "1", "--seeds", "0"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert "freeze_encoder(@model)" in (probe / "cells" / "n1_seed0_mae" / "sweep.log").read_text()
     pre = torch.load(mae, weights_only=True)["model"]
     tuned = torch.load(probe / "cells" / "n1_seed0_mae" / "models" / "model.pt", weights_only=True)["model"]

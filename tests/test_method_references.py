@@ -123,8 +123,20 @@ def test_finetuning_lr_of_every_parameter_at_every_step(bundle, one_thread):
     size = {"cxr14_cls": dict(img_size=32)}.get(bundle, dict(roi_size=[32, 32, 32], skip_hidden_states=[0, 1, 2]))
     p = ConfigParser()
     p.read_config(str(REPO / "bundles" / bundle / "configs" / "finetune.yaml"))
-    p.update(dict(hidden_size=48, num_heads=4, num_layers=depth, layer_decay=decay, init_mode="scratch",
-                  learning_rate=1.0e-3, warmup_epochs=2, max_epochs=6, device="$torch.device('cpu')", **size))  # fmt: skip
+    p.update(
+        dict(
+            hidden_size=48,
+            num_heads=4,
+            num_layers=depth,
+            layer_decay=decay,
+            init_mode="scratch",
+            learning_rate=1.0e-3,
+            warmup_epochs=2,
+            max_epochs=6,
+            device="$torch.device('cpu')",
+            **size,
+        )
+    )
     p["train#dataloader"] = [None] * steps_per_epoch  # the schedule reads only its length
     optimizer, scheduler = p.get_parsed_content("optimizer"), p.get_parsed_content("train#lr_scheduler")
     names = {id(param): name for name, param in p.get_parsed_content("network").named_parameters()}

@@ -75,8 +75,13 @@ def server(tmp_path_factory):
 
         pixels = np.asarray(Image.open(inputs["cxr14_cls"]).convert("L"), dtype=np.uint16) * 257  # 8 -> 16 bit
         write_dicom(studies / "film_dicom.dcm", pixels, "MONOCHROME2", bits_stored=16)
-    with monailabel_server(app, str(studies), [SERVED[b] for b in bundles], root / "server.log",
-                           dict(MONAI_LABEL_DATASTORE_FILE_EXT=FILE_EXT)) as (base, info):  # fmt: skip
+    with monailabel_server(
+        app,
+        str(studies),
+        [SERVED[b] for b in bundles],
+        root / "server.log",
+        dict(MONAI_LABEL_DATASTORE_FILE_EXT=FILE_EXT),
+    ) as (base, info):
         yield base, info, inputs, app, root, runs
 
 
@@ -95,8 +100,12 @@ def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
     image_id = image.name.split(".")[0]
     upload(base, image_id, image)
     try:
-        answer = http("POST", f"{base}/infer/{bundle}?image={image_id}&output=image", b"",
-                       {"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+        answer = http(
+            "POST",
+            f"{base}/infer/{bundle}?image={image_id}&output=image",
+            b"",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
     except urllib.error.HTTPError as e:
         pytest.fail(f"/infer/{bundle}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
     out = tmp_path / ("label.nii.gz" if answer[:2] == b"\x1f\x8b" else "label.nii")
@@ -110,8 +119,14 @@ def test_monailabel_segments_an_uploaded_image(server, bundle, tmp_path):
 
 def _classify(base: str, root: Path, name: str, image_id: str) -> list[dict]:
     try:
-        answer = json.loads(http("POST", f"{base}/infer/{name}?image={image_id}&output=json", b"",
-                                  {"Content-Type": "application/x-www-form-urlencoded"}))  # fmt: skip
+        answer = json.loads(
+            http(
+                "POST",
+                f"{base}/infer/{name}?image={image_id}&output=json",
+                b"",
+                {"Content-Type": "application/x-www-form-urlencoded"},
+            )
+        )
     except urllib.error.HTTPError as e:
         pytest.fail(f"/infer/{name}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
     return answer["prediction"]
@@ -180,8 +195,12 @@ def _sha(path: Path) -> str:
 
 def _segment(base: str, root: Path, bundle: str, image_id: str, out: Path) -> np.ndarray:
     try:
-        answer = http("POST", f"{base}/infer/{bundle}?image={image_id}&output=image", b"",
-                       {"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+        answer = http(
+            "POST",
+            f"{base}/infer/{bundle}?image={image_id}&output=image",
+            b"",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
     except urllib.error.HTTPError as e:
         pytest.fail(f"/infer/{bundle}: {e.code} {e.read()[-3000:]!r}\n{(root / 'server.log').read_text()[-6000:]}")
     out = out.with_name(out.name + (".nii.gz" if answer[:2] == b"\x1f\x8b" else ".nii"))
@@ -218,8 +237,12 @@ def test_monailabel_trains_from_the_mae_encoder_and_serves_the_new_model(server,
             + label.read_bytes()
             + f"\r\n--{boundary}--\r\n".encode()
         )
-        http("PUT", f"{base}/datastore/label?image=labelled_{i}&tag=final", body,
-              {"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+        http(
+            "PUT",
+            f"{base}/datastore/label?image=labelled_{i}&tag=final",
+            body,
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
     listed = json.loads(http("GET", f"{base}/datastore/?output=all"))
     assert sum(1 for v in listed["objects"].values() if "final" in v.get("labels", {})) == 2, str(listed)[:2000]
 

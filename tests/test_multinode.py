@@ -38,8 +38,17 @@ MAX_EPOCHS = 10  # epochs take ~0.1 s here: enough of them that the kill lands m
 KILL_AFTER = 2  # kill once the checkpoint of this epoch (or a later one) exists and the next epoch is under way
 IMAGES = 5  # pre-training images of the demo dataset (3 training, 1 validation, 1 test): 3 per rank, padded
 PER_RANK = -(-IMAGES // NODES)
-OVERRIDES = dict(hidden_size=48, batch_size=1, amp=False, max_epochs=MAX_EPOCHS, save_interval=1, log_interval=1,
-                 image_interval=MAX_EPOCHS, num_workers=0, cache="disk")  # fmt: skip
+OVERRIDES = dict(
+    hidden_size=48,
+    batch_size=1,
+    amp=False,
+    max_epochs=MAX_EPOCHS,
+    save_interval=1,
+    log_interval=1,
+    image_interval=MAX_EPOCHS,
+    num_workers=0,
+    cache="disk",
+)
 DEADLINE_S = 300  # for each phase: start-up, rendezvous and training take ~15 s
 
 
@@ -85,16 +94,41 @@ class Launch:
     alone would leave the worker training: :meth:`kill` kills both."""
 
     def __init__(self, node_rank: int, port: int, job: str, log: Path, **overrides) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc_per_node", "1",
-               "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-               "--rdzv_id", job, "-m", "monai.bundle", "run", "pretrain",
-               "--config_file", configs(BUNDLE, "pretrain", "demo", "multi_gpu_pretrain")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(NODES),
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node_rank),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv_id",
+            job,
+            "-m",
+            "monai.bundle",
+            "run",
+            "pretrain",
+            "--config_file",
+            configs(BUNDLE, "pretrain", "demo", "multi_gpu_pretrain"),
+        ]
         for key, value in overrides.items():
             cmd += [f"--{key}", str(value)]
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -183,8 +217,11 @@ def kill_mid_run(launches: list[Launch], models: Path) -> int:
 
 def cache_files(cache_dir: Path) -> dict[str, tuple[int, int]]:
     """Every file of the disk cache, with (mtime_ns, inode): an entry computed again would change both."""
-    return {str(p.relative_to(cache_dir)): (p.stat().st_mtime_ns, p.stat().st_ino) for p in cache_dir.rglob("*")
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(cache_dir)): (p.stat().st_mtime_ns, p.stat().st_ino)
+        for p in cache_dir.rglob("*")
+        if p.is_file()
+    }
 
 
 def entries(cache_dir: Path) -> list[Path]:
@@ -206,9 +243,13 @@ def runs(c10d_can_bind, tmp_path_factory) -> dict:
     first = launch_nodes(tmp, "first", free_port(), **common)
     out["killed_at"] = kill_mid_run(first, models)
     out["first_logs"] = [launch.output() for launch in first]
-    out["after_kill"] = dict(checkpoints=checkpoint_epochs(models), final=(models / "mae_pretrain.pt").exists(),
-                             loss_rows=len((out["log_dir"] / "loss.csv").read_text().splitlines()) - 1,
-                             cache=cache_files(cache_dir), entries=entries(cache_dir))  # fmt: skip
+    out["after_kill"] = dict(
+        checkpoints=checkpoint_epochs(models),
+        final=(models / "mae_pretrain.pt").exists(),
+        loss_rows=len((out["log_dir"] / "loss.csv").read_text().splitlines()) - 1,
+        cache=cache_files(cache_dir),
+        entries=entries(cache_dir),
+    )
     out["first_s"] = time.time() - start
 
     start = time.time()
@@ -256,8 +297,11 @@ def test_resumed_on_both_nodes_and_completed(runs):
         rows = [line.split(",") for line in f.read().splitlines()[1:]]
     assert [int(r[0]) for r in rows] == list(range(1, MAX_EPOCHS + 1))
     assert all(torch.isfinite(torch.tensor(float(r[2]))) for r in rows)
-    assert sorted(p.name for p in models.iterdir()) == [f"mae_checkpoint_epoch={MAX_EPOCHS}.pt", "mae_pretrain.pt",
-                                                        "pretrain_run.json"]  # fmt: skip
+    assert sorted(p.name for p in models.iterdir()) == [
+        f"mae_checkpoint_epoch={MAX_EPOCHS}.pt",
+        "mae_pretrain.pt",
+        "pretrain_run.json",
+    ]
     trainer = torch.load(models / f"mae_checkpoint_epoch={MAX_EPOCHS}.pt", weights_only=True)["trainer"]
     assert trainer["iteration"] == MAX_EPOCHS * PER_RANK and trainer["max_epochs"] == MAX_EPOCHS
 

@@ -246,9 +246,19 @@ def test_classifier_is_a_linear_head_on_the_normed_cls_token():
     with torch.no_grad():
         assert torch.equal(clf(x), clf.head(enc(x)[0][:, 0]))
     assert not any(b.activation_checkpointing for b in enc.blocks)
-    for net in (ViTClassifier(3, 5, 32, hidden_size=48, num_layers=2, num_heads=4, activation_checkpointing=True),
-                UNETR(1, 2, 32, hidden_size=48, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2),
-                      activation_checkpointing=True)):  # fmt: skip
+    for net in (
+        ViTClassifier(3, 5, 32, hidden_size=48, num_layers=2, num_heads=4, activation_checkpointing=True),
+        UNETR(
+            1,
+            2,
+            32,
+            hidden_size=48,
+            num_layers=3,
+            num_heads=4,
+            skip_hidden_states=(0, 1, 2),
+            activation_checkpointing=True,
+        ),
+    ):
         assert all(b.activation_checkpointing for b in net.encoder.blocks)
 
 
@@ -259,10 +269,29 @@ def test_unetr_decoder_is_monais(spatial_dims):
     from monai.networks.nets import UNETR as MonaiUNETR
 
     size = (32,) * spatial_dims
-    ours = UNETR(2, 3, size, feature_size=8, hidden_size=48, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2),
-                 spatial_dims=spatial_dims)  # fmt: skip
-    theirs = MonaiUNETR(2, 3, size, feature_size=8, hidden_size=48, mlp_dim=192, num_heads=4, norm_name="instance",
-                        res_block=True, spatial_dims=spatial_dims)  # fmt: skip
+    ours = UNETR(
+        2,
+        3,
+        size,
+        feature_size=8,
+        hidden_size=48,
+        num_layers=3,
+        num_heads=4,
+        skip_hidden_states=(0, 1, 2),
+        spatial_dims=spatial_dims,
+    )
+    theirs = MonaiUNETR(
+        2,
+        3,
+        size,
+        feature_size=8,
+        hidden_size=48,
+        mlp_dim=192,
+        num_heads=4,
+        norm_name="instance",
+        res_block=True,
+        spatial_dims=spatial_dims,
+    )
     shapes = lambda net: {k: v.shape for k, v in net.state_dict().items() if not k.startswith(("encoder.", "vit."))}  # noqa: E731
     assert shapes(ours) == shapes(theirs)
     assert ours(torch.randn(1, 2, *size)).shape == (1, 3, *size)
@@ -270,8 +299,9 @@ def test_unetr_decoder_is_monais(spatial_dims):
 
 def test_tokens_to_volume_puts_each_token_at_its_grid_position():
     """(N, L, D) row-major tokens -> (N, D, *grid): token (i, j, k) of a 2 x 3 x 4 grid lands at [:, :, i, j, k]."""
-    unetr = UNETR(1, 2, (32, 48, 64), feature_size=8, hidden_size=48, num_layers=3, num_heads=4,
-                  skip_hidden_states=(0, 1, 2))  # fmt: skip
+    unetr = UNETR(
+        1, 2, (32, 48, 64), feature_size=8, hidden_size=48, num_layers=3, num_heads=4, skip_hidden_states=(0, 1, 2)
+    )
     x = torch.randn(2, 24, 48)
     vol = unetr.tokens_to_volume(x)
     for i, j, k in ((0, 0, 0), (1, 2, 3), (0, 1, 2)):
@@ -295,8 +325,19 @@ def test_mae_decoder_takes_the_mask_token_in_the_autocast_dtype():
     half the memory), so the decoder sees it rounded to bf16: 1 + 2^-12 arrives as 1.0."""
     from selfmedmae_components.networks import MaskedAutoencoder
 
-    mae = MaskedAutoencoder(1, 32, 16, 3, hidden_size=24, num_layers=1, num_heads=4, decoder_hidden_size=24,
-                            decoder_num_layers=1, decoder_num_heads=4, mask_ratio=0.75)  # fmt: skip
+    mae = MaskedAutoencoder(
+        1,
+        32,
+        16,
+        3,
+        hidden_size=24,
+        num_layers=1,
+        num_heads=4,
+        decoder_hidden_size=24,
+        decoder_num_layers=1,
+        decoder_num_heads=4,
+        mask_ratio=0.75,
+    )
     with torch.no_grad():
         mae.mask_token.fill_(1 + 2**-12)
         mae.decoder_pos_embed.zero_()

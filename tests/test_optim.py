@@ -145,8 +145,18 @@ def test_epochs_for_steps_rounds_up_and_never_runs_none(steps, per_epoch, epochs
 
 def test_defaults_of_the_pretraining_groups_and_batch_rule():
     """REFERENCE.md: weight decay 0.05 (none on biases, norms, tables, tokens); one rank, one crop by default."""
-    mae = MaskedAutoencoder(1, 32, 16, 3, hidden_size=48, num_layers=1, num_heads=4, decoder_hidden_size=48,
-                            decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
+    mae = MaskedAutoencoder(
+        1,
+        32,
+        16,
+        3,
+        hidden_size=48,
+        num_layers=1,
+        num_heads=4,
+        decoder_hidden_size=48,
+        decoder_num_layers=1,
+        decoder_num_heads=4,
+    )
     decay, no_decay = param_groups_weight_decay(mae, lr=0.5)
     assert {k: v for k, v in decay.items() if k != "params"} == {"weight_decay": 0.05, "lr": 0.5}
     assert {k: v for k, v in no_decay.items() if k != "params"} == {"weight_decay": 0.0, "lr": 0.5}

@@ -81,8 +81,18 @@ def _write_film(png: Path, folder: Path) -> str:
     pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 257  # 8 -> 16 bit
     series_uid = generate_uid()
     folder.mkdir(parents=True)
-    write_dicom(folder / "film.dcm", pixels, "MONOCHROME2", bits_stored=16, StudyInstanceUID=generate_uid(),
-                SeriesInstanceUID=series_uid, PatientID="demo-film", Modality="CR", SeriesNumber=1, InstanceNumber=1)  # fmt: skip
+    write_dicom(
+        folder / "film.dcm",
+        pixels,
+        "MONOCHROME2",
+        bits_stored=16,
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=series_uid,
+        PatientID="demo-film",
+        Modality="CR",
+        SeriesNumber=1,
+        InstanceNumber=1,
+    )
     return series_uid
 
 
@@ -110,8 +120,10 @@ def pacs(tmp_path_factory):
         cases[f"{task}_unseen"] = (sorted(inputs.glob("*.nii*"))[0], None)
         for i, c in enumerate(training[:2]):
             cases[f"{task}_labelled_{i}"] = (dataset_dir / c["image"], dataset_dir / c["label"])
-    series = {name: _write_series(image, root / "dicom" / name, name, BODY_PART[name.split("_")[0]])
-              for name, (image, _) in cases.items()}  # fmt: skip
+    series = {
+        name: _write_series(image, root / "dicom" / name, name, BODY_PART[name.split("_")[0]])
+        for name, (image, _) in cases.items()
+    }
     film = sorted(data["cxr14_cls"][1].glob("*.png"))[0]
     series["film"] = _write_film(film, root / "dicom" / "film")
 
@@ -122,17 +134,23 @@ def pacs(tmp_path_factory):
         servers = {}
         # a server trains each model on every labelled series it lists: btcv_seg's 13 organs and msd_seg's task
         # need servers that list different series (here by body part: filter values match exactly, docs)
-        for name, models, search in (("ct", ["btcv_seg", "brats_seg"], {"Modality": "CT", "BodyPartExamined": "ABDOMEN"}),
-                                     ("msd", ["msd_seg"], {"Modality": "CT", "BodyPartExamined": "LIVER"}),
-                                     ("cr", ["cxr14_classification"], {"Modality": "CR"})):  # fmt: skip
-            env = dict(MONAI_LABEL_DICOMWEB_USERNAME=user, MONAI_LABEL_DICOMWEB_PASSWORD=password,
-                       MONAI_LABEL_DICOMWEB_SEARCH_FILTER=json.dumps(search),
-                       MONAI_LABEL_DICOMWEB_CACHE_PATH=str(root / f"cache_{name}"))  # fmt: skip
+        for name, models, search in (
+            ("ct", ["btcv_seg", "brats_seg"], {"Modality": "CT", "BodyPartExamined": "ABDOMEN"}),
+            ("msd", ["msd_seg"], {"Modality": "CT", "BodyPartExamined": "LIVER"}),
+            ("cr", ["cxr14_classification"], {"Modality": "CR"}),
+        ):
+            env = dict(
+                MONAI_LABEL_DICOMWEB_USERNAME=user,
+                MONAI_LABEL_DICOMWEB_PASSWORD=password,
+                MONAI_LABEL_DICOMWEB_SEARCH_FILTER=json.dumps(search),
+                MONAI_LABEL_DICOMWEB_CACHE_PATH=str(root / f"cache_{name}"),
+            )
             log = root / f"server_{name}.log"
             base, info = stack.enter_context(monailabel_server(app, orthanc.url, models, log, env))
             servers[name] = dict(base=base, info=info, log=log)
-        yield dict(root=root, app=app, orthanc=orthanc, servers=servers, series=series, cases=cases, runs=runs,
-                   film=film)  # fmt: skip
+        yield dict(
+            root=root, app=app, orthanc=orthanc, servers=servers, series=series, cases=cases, runs=runs, film=film
+        )
 
 
 def _msd_run(root: Path, app: Path) -> tuple[Path, Path]:
@@ -143,8 +161,9 @@ def _msd_run(root: Path, app: Path) -> tuple[Path, Path]:
     from selfmedmae_components.data import msd
     from selfmedmae_components.data.demo import msd as msd_demo
 
-    dataset = Path(msd_demo.make_demo(root / "msd_seg_data", layout="ct", num_cases=6, num_test_cases=1,
-                                      shape=(36, 36, 24)))  # fmt: skip
+    dataset = Path(
+        msd_demo.make_demo(root / "msd_seg_data", layout="ct", num_cases=6, num_test_cases=1, shape=(36, 36, 24))
+    )
     msd.prepare_datalist(dataset, eval_fraction=0.25, num_val_cases=1)
     run = root / "runs" / "msd_seg"
     common = dict(dataset_dir=dataset, bundle_root=run, max_epochs=1, amp=False, hidden_size=48, num_workers=0)
@@ -165,8 +184,11 @@ def test_the_search_filter_decides_which_series_each_server_lists(pacs):
     assert _stats(ct)["total"] == 3, "the three BTCV CT series, not msd_seg's nor the film"
     assert _stats(pacs["servers"]["msd"])["total"] == 3, "msd_seg's three CT series"
     assert _stats(cr)["total"] == 1, "the film alone"
-    first = json.loads(answer_or_fail("POST", f"{cr['base']}/activelearning/first", cr["log"], b"{}",
-                                      {"Content-Type": "application/json"}))  # fmt: skip
+    first = json.loads(
+        answer_or_fail(
+            "POST", f"{cr['base']}/activelearning/first", cr["log"], b"{}", {"Content-Type": "application/json"}
+        )
+    )
     assert first["id"] == pacs["series"]["film"]
 
 
@@ -268,10 +290,16 @@ def _check_segs(pacs: dict, segs: dict, names: dict[int, str], saved: dict[str, 
         assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
         assert seg.StudyInstanceUID == source.StudyInstanceUID
         shared = seg.SharedFunctionalGroupsSequence[0]
-        np.testing.assert_allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],
-                                   [float(v) for v in source.PixelSpacing], atol=1e-4)  # fmt: skip
-        np.testing.assert_allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
-                                   [float(v) for v in source.ImageOrientationPatient], atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],
+            [float(v) for v in source.PixelSpacing],
+            atol=1e-4,
+        )
+        np.testing.assert_allclose(
+            [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+            [float(v) for v in source.ImageOrientationPatient],
+            atol=1e-4,
+        )
         segment_names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
         present = sorted(set(np.unique(expected).tolist()) - {0})
         assert sorted(segment_names.values()) == sorted(names[v] for v in present)
@@ -293,11 +321,21 @@ def _train(pacs: dict, server: str, bundle: str, saved: dict[str, np.ndarray]) -
     and that the labels it trained on are the saved ones (values and grid), those alone."""
     served = pacs["servers"][server]
     bundle_dir = pacs["app"] / "model" / bundle
-    params = {"max_epochs": 2, "model_filename": "mae_pretrain.pt", "val_split": 0.0, "device": "cpu",
-              "multi_gpu": False}  # fmt: skip
+    params = {
+        "max_epochs": 2,
+        "model_filename": "mae_pretrain.pt",
+        "val_split": 0.0,
+        "device": "cpu",
+        "multi_gpu": False,
+    }
     start = time.time()
-    answer_or_fail("POST", f"{served['base']}/train/{bundle}?run_sync=true", served["log"], json.dumps(params).encode(),
-                   {"Content-Type": "application/json"})  # fmt: skip
+    answer_or_fail(
+        "POST",
+        f"{served['base']}/train/{bundle}?run_sync=true",
+        served["log"],
+        json.dumps(params).encode(),
+        {"Content-Type": "application/json"},
+    )
     log = served["log"].read_text()
     assert (bundle_dir / "models" / "model.pt").stat().st_mtime >= start, f"no new model.pt:\n{log[-8000:]}"
     assert f"Weight transfer from {bundle_dir / 'models' / 'mae_pretrain.pt'}" in log, log[-8000:]
@@ -319,8 +357,9 @@ def test_btcv_seg_trains_from_the_seg_labels_in_the_pacs(pacs, saved_labels, tmp
     before = _segment(ct, "btcv_seg", pacs["series"]["btcv_unseen"], tmp_path / "before")
     _train(pacs, "ct", "btcv_seg", saved_labels["btcv_seg"])
     after = _segment(ct, "btcv_seg", pacs["series"]["btcv_unseen"], tmp_path / "after")
-    own = own_segmentation(bundle_dir, pacs["root"] / "dicom" / "btcv_unseen", bundle_dir / "models" / "model.pt",
-                           tmp_path / "own_new")  # fmt: skip
+    own = own_segmentation(
+        bundle_dir, pacs["root"] / "dicom" / "btcv_unseen", bundle_dir / "models" / "model.pt", tmp_path / "own_new"
+    )
     np.testing.assert_array_equal(np.asarray(after.dataobj), own)
     assert not np.array_equal(np.asarray(before.dataobj), np.asarray(after.dataobj)), "the answer did not change"
 

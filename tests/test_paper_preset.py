@@ -23,11 +23,11 @@ ORIGINAL = {
     "brats_seg": {
         "pretrain": {"mae_crops": "label", "weight_decay_tokens": True},
         "finetune": {"validation_mode": "none", "et_mapping": "original", "seg_loss": "dice"},
-    },  # fmt: skip
+    },
     "cxr14_cls": {
         "pretrain": {"weight_decay_tokens": True, "pixel_mean": [0.5] * 3, "pixel_std": [0.225] * 3},
         "finetune": {"validation_mode": "none", "pixel_mean": [0.5] * 3, "pixel_std": [0.225] * 3},
-    },  # fmt: skip
+    },
 }
 TINY = {
     "btcv_seg": dict(

@@ -129,12 +129,16 @@ def test_benchmark_records_cpu_capability_and_precision(monkeypatch, tmp_path):
     [
         (CUDA, "bfloat16", True, (torch.bfloat16, "GPU: bfloat16 autocast")),
         (CUDA, "float16", True, (torch.float16, "GPU: float16 autocast with a grad scaler")),
-        (CUDA, "bfloat16", False,
-         (torch.float16, "GPU has no native bf16 (compute capability < 8.0): float16 autocast with a grad scaler")),
+        (
+            CUDA,
+            "bfloat16",
+            False,
+            (torch.float16, "GPU has no native bf16 (compute capability < 8.0): float16 autocast with a grad scaler"),
+        ),
         (CPU, "float16", True, (None, "no fast float16 on cpu: float32")),
         (torch.device("meta"), "bfloat16", True, (None, "no fast bfloat16 on meta: float32")),
     ],
-)  # fmt: skip
+)
 def test_each_precision_choice_says_why(monkeypatch, device, amp_dtype, native, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
     fake_cpu(monkeypatch, "amx")
@@ -177,14 +181,32 @@ def test_mae_step_in_a_trainer_masks_its_ratio_on_plain_float32_images(ratio, on
     """The bundles' cache hands float16 MetaTensors; the trainer's to_kwargs make them float32 on the device and the
     step hands the network plain tensors. The step's output carries the mask the loss used."""
     torch.manual_seed(0)
-    mae = MaskedAutoencoder(1, 32, 8, 3, hidden_size=48, num_layers=1, num_heads=4, decoder_hidden_size=48,
-                            decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
+    mae = MaskedAutoencoder(
+        1,
+        32,
+        8,
+        3,
+        hidden_size=48,
+        num_layers=1,
+        num_heads=4,
+        decoder_hidden_size=48,
+        decoder_num_layers=1,
+        decoder_num_heads=4,
+    )
     seen = []
     mae.register_forward_pre_hook(lambda m, args: seen.append((type(args[0]), args[0].dtype, args[1])))
     batch = {"image": MetaTensor(torch.rand(2, 1, 32, 32, 32).half(), meta={"filename_or_obj": "a.nii.gz"})}
-    trainer = SupervisedTrainer(CPU, 1, [batch], mae, torch.optim.SGD(mae.parameters(), lr=0.0), None,
-                                iteration_update=MAETrainingStep(mask_ratio=ratio), decollate=False,
-                                to_kwargs={"dtype": torch.float32})  # fmt: skip
+    trainer = SupervisedTrainer(
+        CPU,
+        1,
+        [batch],
+        mae,
+        torch.optim.SGD(mae.parameters(), lr=0.0),
+        None,
+        iteration_update=MAETrainingStep(mask_ratio=ratio),
+        decollate=False,
+        to_kwargs={"dtype": torch.float32},
+    )
     trainer.run()
     assert seen == [(torch.Tensor, torch.float32, ratio)]
     mask = trainer.state.output["mask"]
@@ -240,8 +262,13 @@ def test_the_step_trains_under_the_chosen_autocast(monkeypatch):
     net.register_forward_pre_hook(
         lambda m, a: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
     )
-    engine = SimpleNamespace(network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), non_blocking=False,
-                             loss_function=lambda p, y: p.float().mean(), state=SimpleNamespace(device=CPU))  # fmt: skip
+    engine = SimpleNamespace(
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        non_blocking=False,
+        loss_function=lambda p, y: p.float().mean(),
+        state=SimpleNamespace(device=CPU),
+    )
     TrainingStep(amp=True)(engine, {"image": torch.ones(2, 2), "label": torch.ones(2, 1)})
     assert seen == [(True, torch.bfloat16)]
 
@@ -293,7 +320,12 @@ def test_under_ddp_the_parts_before_the_last_accumulate_without_an_all_reduce():
             return super().forward(x)
 
     net = Wrapped(2, 1)
-    engine = SimpleNamespace(network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), non_blocking=False,
-                             loss_function=lambda p, y: p.float().mean(), state=SimpleNamespace(device=CPU))  # fmt: skip
+    engine = SimpleNamespace(
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        non_blocking=False,
+        loss_function=lambda p, y: p.float().mean(),
+        state=SimpleNamespace(device=CPU),
+    )
     TrainingStep(micro_batch_size=2)(engine, {"image": torch.ones(5, 2), "label": torch.ones(5, 1)})
     assert net.seen == [False, False, True]

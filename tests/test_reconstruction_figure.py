@@ -32,8 +32,25 @@ def data_and_checkpoint(tmp_path_factory):
 def test_figure_has_three_rows_and_one_column_per_case(data_and_checkpoint):
     root = data_and_checkpoint
     overrides = [f"{k}={v}" for k, v in TINY.items()]
-    rf.main([str(root / "mae.pt"), "--bundle", "btcv_seg", "--dataset_dir", str(root / "btcv"), "--cases", "3",
-             "--mask_ratio", "0.5", "--preset", "demo", "--override", *overrides, "--out", str(root / "fig.png")])  # fmt: skip
+    rf.main(
+        [
+            str(root / "mae.pt"),
+            "--bundle",
+            "btcv_seg",
+            "--dataset_dir",
+            str(root / "btcv"),
+            "--cases",
+            "3",
+            "--mask_ratio",
+            "0.5",
+            "--preset",
+            "demo",
+            "--override",
+            *overrides,
+            "--out",
+            str(root / "fig.png"),
+        ]
+    )
     img = Image.open(root / "fig.png")
     assert img.text["rows"] == "3" and img.text["columns"] == "3"
     tw, th = map(int, img.text["tile"].split("x"))
@@ -54,5 +71,12 @@ def test_figure_has_three_rows_and_one_column_per_case(data_and_checkpoint):
 def test_a_checkpoint_of_other_settings_says_which_to_pass(data_and_checkpoint, tmp_path):
     root = data_and_checkpoint
     with pytest.raises(CheckpointError, match=r"(?s)does not fit the btcv_seg pretrain network.*--preset demo"):
-        rf.make_figure(str(root / "mae.pt"), "btcv_seg", str(root / "btcv"), str(tmp_path / "x.png"), cases=1,
-                       presets=["demo"], overrides={**TINY, "hidden_size": 96})  # fmt: skip
+        rf.make_figure(
+            str(root / "mae.pt"),
+            "btcv_seg",
+            str(root / "btcv"),
+            str(tmp_path / "x.png"),
+            cases=1,
+            presets=["demo"],
+            overrides={**TINY, "hidden_size": 96},
+        )

@@ -127,19 +127,30 @@ def test_prepare_tool_by_name_and_bundle_folder_writes_the_same_datalist(demo_se
         for name in d.names:  # (the fixture ran tools/prepare.py's main in-process; this is the command line)
             command = d.demo_run.prepare_command(name, dataset_dir.parent)
             command[command.index("--out") + 1] = str(tmp_path / name)
-            proc = subprocess.run([sys.executable, str(REPO / "tools" / "prepare.py"), *command], cwd=REPO,
-                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, str(REPO / "tools" / "prepare.py"), *command],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert proc.returncode == 0, (name, proc.stderr[-2000:])
             assert json.loads((tmp_path / name / "datalist.json").read_text()) == json.loads(
-                (dataset_dir / "datalist.json").read_text())  # fmt: skip
+                (dataset_dir / "datalist.json").read_text()
+            )
         return
     runs = {f"prepare.py {name}": [REPO / "tools" / "prepare.py", name, dataset_dir] for name in d.names}
     assert len(runs) == 2  # the entry's name and its bundle folder
     written = {}
     for label, cmd in runs.items():
         out = tmp_path / f"{label.replace(' ', '_')}.json"
-        proc = subprocess.run([sys.executable, *map(str, cmd), "--output", str(out)], cwd=REPO, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, *map(str, cmd), "--output", str(out)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, (label, proc.stderr[-2000:])
         written[label] = json.loads(out.read_text())
     for label in runs:  # the same datalist as the registry's prepare function wrote (fixture)
@@ -187,4 +198,5 @@ def test_benchmark_presets_accept_every_name():
     benchmark = tool("benchmark")
     for d in registry.DATASETS:
         assert benchmark.bundle_parser(d.names[-1], "pretrain").get("roi_size", None) == benchmark.bundle_parser(
-            d.name, "pretrain").get("roi_size", None)  # fmt: skip
+            d.name, "pretrain"
+        ).get("roi_size", None)

@@ -257,10 +257,17 @@ def test_torchrun_three_processes_finetune_with_fewer_validation_cases_than_rank
     over the ranks must be the mean over the 2 cases (padding would count one twice): with a learning rate of 0
     both runs validate their common initial weights, and one process must find the same Dice. The step runs
     in micro-batches of 1 crop, so DDP's no_sync path runs too."""
-    common = dict(dataset_dir=dataset, init_mode="scratch", learning_rate=0.0, max_epochs=1, val_interval=1, batch_size=1,
-                  **TINY)  # fmt: skip
-    log = torchrun(3, "finetune", configs("btcv_seg", "finetune", "multi_gpu_finetune", "demo"), micro_batch_size=1,
-                   bundle_root=tmp_path / "ddp3", **common)  # fmt: skip
+    common = dict(
+        dataset_dir=dataset, init_mode="scratch", learning_rate=0.0, max_epochs=1, val_interval=1, batch_size=1, **TINY
+    )
+    log = torchrun(
+        3,
+        "finetune",
+        configs("btcv_seg", "finetune", "multi_gpu_finetune", "demo"),
+        micro_batch_size=1,
+        bundle_root=tmp_path / "ddp3",
+        **common,
+    )
     assert "Epoch: 1/1, Iter: 6/6" in log  # 16 volumes on 3 ranks: 6 each (padded), 1 per step
     assert (tmp_path / "ddp3" / "models" / "model.pt").is_file()
     single = run_bundle(

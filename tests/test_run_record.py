@@ -42,7 +42,7 @@ CONFIG = {
         "bias": "$numpy.bool_(True)",
         "device": "$torch.device('cpu')",
         "_disabled_": False,
-    },  # fmt: skip
+    },
     "record": "$selfmedmae_components.run_record.record_run(@ckpt_dir, 'finetune', True)",
 }
 
@@ -59,17 +59,38 @@ def test_the_record_holds_plain_and_derived_settings_and_the_resolved_network(tm
         "stage": "finetune",
         "configs": None,  # a bare ConfigParser: no config folder
         # resolved; numpy scalars as numbers, other objects as their repr
-        "network": {"_target_": "torch.nn.Linear", "in_features": 8, "out_features": 18, "bias": True,
-                    "device": "device(type='cpu')"},
-        "settings": {"ckpt_dir": str(tmp_path), "width": 8, "depth": 2, "name": "tiny", "flag": True, "nothing": None,
-                     "sizes": [32, 32, 16], "double": 16, "alias": 8, "first_size": 32,
-                     "record": None},  # the call itself, met again while the settings resolve
-    }  # fmt: skip
+        "network": {
+            "_target_": "torch.nn.Linear",
+            "in_features": 8,
+            "out_features": 18,
+            "bias": True,
+            "device": "device(type='cpu')",
+        },
+        "settings": {
+            "ckpt_dir": str(tmp_path),
+            "width": 8,
+            "depth": 2,
+            "name": "tiny",
+            "flag": True,
+            "nothing": None,
+            "sizes": [32, 32, 16],
+            "double": 16,
+            "alias": 8,
+            "first_size": 32,
+            "record": None,
+        },  # the call itself, met again while the settings resolve
+    }
 
 
 def test_other_ranks_record_nothing_and_a_config_without_a_network_is_named(tmp_path):
-    parser = ConfigParser({**CONFIG, "ckpt_dir": str(tmp_path), "record": "$selfmedmae_components.run_record."
-                           "record_run(@ckpt_dir, 'finetune', False)"}, globals=GLOBALS)  # fmt: skip
+    parser = ConfigParser(
+        {
+            **CONFIG,
+            "ckpt_dir": str(tmp_path),
+            "record": "$selfmedmae_components.run_record.record_run(@ckpt_dir, 'finetune', False)",
+        },
+        globals=GLOBALS,
+    )
     assert parser.get_parsed_content("record") is None and not list(tmp_path.iterdir())
     with pytest.raises(RuntimeError) as err:  # ConfigParser wraps what the expression raised
         record_of(tmp_path, network_def=None)
@@ -96,7 +117,10 @@ def test_top_level_refs_at_any_depth_but_not_section_items():
 def test_tensor_arguments_of_the_network_are_recorded_as_numbers_or_their_repr(tmp_path):
     network = {"_target_": "torch.nn.Identity", "scale": "$torch.tensor(0.5)", "weights": "$torch.tensor([2.0])"}
     assert record_of(tmp_path, network_def=network)["network"] == {
-        "_target_": "torch.nn.Identity", "scale": 0.5, "weights": "tensor([2.])"}  # fmt: skip
+        "_target_": "torch.nn.Identity",
+        "scale": 0.5,
+        "weights": "tensor([2.])",
+    }
 
 
 def test_a_bundle_run_records_its_config_folder(tmp_path, monkeypatch):
@@ -108,13 +132,17 @@ def test_a_bundle_run_records_its_config_folder(tmp_path, monkeypatch):
     configs.mkdir()
     config = {k: v for k, v in CONFIG.items() if k != "record"} | {
         "imports": ["$import numpy", "$import selfmedmae_components"],
-        "ckpt_dir": str(tmp_path / "models"), "initialize": [], "finalize": [],
-        "run": ["$selfmedmae_components.run_record.record_run(@ckpt_dir, 'pretrain', True)"]}  # fmt: skip
+        "ckpt_dir": str(tmp_path / "models"),
+        "initialize": [],
+        "finalize": [],
+        "run": ["$selfmedmae_components.run_record.record_run(@ckpt_dir, 'pretrain', True)"],
+    }
     (configs / "pretrain.json").write_text(json.dumps(config))
     (configs / "metadata.json").write_text(json.dumps({"version": "0.1"}))
     monkeypatch.chdir(tmp_path)  # a folder of its own: the record must come from the workflow, not the working one
-    workflow = ConfigWorkflow(config_file=str(configs / "pretrain.json"), meta_file=str(configs / "metadata.json"),
-                              workflow_type=None)  # fmt: skip
+    workflow = ConfigWorkflow(
+        config_file=str(configs / "pretrain.json"), meta_file=str(configs / "metadata.json"), workflow_type=None
+    )
     workflow.initialize()
     workflow.run()
     record = read_record(tmp_path / "models" / "pretrain_run.json")

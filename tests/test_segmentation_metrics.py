@@ -137,8 +137,12 @@ def test_report_names_each_case_by_its_file_or_else_its_number(tmp_path):
     engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "metric_details", {"dice": torch.ones(4, 1)}))
     report.attach(engine)
     named = MetaTensor(torch.zeros(1), meta={"filename_or_obj": "/data/imagesTs/img0007.nii.gz"})
-    batch = [{"image": named}, {"image": torch.zeros(1)}, {"image": MetaTensor(torch.zeros(1))},
-             {"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": ""})}]  # fmt: skip
+    batch = [
+        {"image": named},
+        {"image": torch.zeros(1)},
+        {"image": MetaTensor(torch.zeros(1))},
+        {"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": ""})},
+    ]
     engine.run([batch], max_epochs=1)
     rows = (tmp_path / "per_case.csv").read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["img0007.nii.gz", "case1", "case2", "case3"]

@@ -27,11 +27,35 @@ def test_sweep_2x1_grid_writes_csv_table_and_plot(tmp_path, monkeypatch):
     )
     (data / "datalist_tiny.json").write_text(json.dumps(datalist))
     out = tmp_path / "sweep"
-    overrides = ["roi_size=[32,32,32]", "pixdim=[8.0,8.0,8.0]", "hidden_size=48", "num_workers=0", "batch_size=1",
-                 f"datalist_file={data / 'datalist_tiny.json'}", "pretrain:decoder_hidden_size=48",
-                 "finetune:max_epochs=1", "finetune:validation_mode=none"]  # fmt: skip
-    sweep.main(["--bundle", "btcv_seg", "--mask_ratios", "0.25,0.75", "--pretrain_epochs", "1", "--dataset_dir", str(data),
-                "--out", str(out), "--preset", "demo", "--override", *overrides])  # fmt: skip
+    overrides = [
+        "roi_size=[32,32,32]",
+        "pixdim=[8.0,8.0,8.0]",
+        "hidden_size=48",
+        "num_workers=0",
+        "batch_size=1",
+        f"datalist_file={data / 'datalist_tiny.json'}",
+        "pretrain:decoder_hidden_size=48",
+        "finetune:max_epochs=1",
+        "finetune:validation_mode=none",
+    ]
+    sweep.main(
+        [
+            "--bundle",
+            "btcv_seg",
+            "--mask_ratios",
+            "0.25,0.75",
+            "--pretrain_epochs",
+            "1",
+            "--dataset_dir",
+            str(data),
+            "--out",
+            str(out),
+            "--preset",
+            "demo",
+            "--override",
+            *overrides,
+        ]
+    )
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["mask_ratio"], r["pretrain_epochs"]) for r in rows] == [("0.25", "1"), ("0.75", "1")]
@@ -47,8 +71,24 @@ def test_sweep_2x1_grid_writes_csv_table_and_plot(tmp_path, monkeypatch):
     assert img.format == "PNG" and img.size == (640, 440)
     # a second call finds the cells evaluated with the same commands and only rewrites the results
     (out / "results.csv").unlink()
-    sweep.main(["--bundle", "btcv_seg", "--mask_ratios", "0.25,0.75", "--pretrain_epochs", "1", "--dataset_dir", str(data),
-                "--out", str(out), "--preset", "demo", "--override", *overrides])  # fmt: skip
+    sweep.main(
+        [
+            "--bundle",
+            "btcv_seg",
+            "--mask_ratios",
+            "0.25,0.75",
+            "--pretrain_epochs",
+            "1",
+            "--dataset_dir",
+            str(data),
+            "--out",
+            str(out),
+            "--preset",
+            "demo",
+            "--override",
+            *overrides,
+        ]
+    )
     assert (out / "results.csv").is_file()
 
 

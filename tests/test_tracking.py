@@ -20,8 +20,11 @@ pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip ins
 pytest.importorskip("sqlalchemy", reason="the mlflow extra is not installed (pip install -e '.[mlflow]')")
 pytest.importorskip("alembic", reason="the mlflow extra is not installed (pip install -e '.[mlflow]')")
 
-PARAMS = [pytest.param(b, s, marks=() if b == "cxr14_cls" else pytest.mark.slow)
-          for b in ("btcv_seg", "brats_seg", "cxr14_cls") for s in ("pretrain", "finetune")]  # fmt: skip
+PARAMS = [
+    pytest.param(b, s, marks=() if b == "cxr14_cls" else pytest.mark.slow)
+    for b in ("btcv_seg", "brats_seg", "cxr14_cls")
+    for s in ("pretrain", "finetune")
+]
 
 
 def _key_metric(bundle: str) -> str:
@@ -43,8 +46,14 @@ def test_tracking_mlflow_logs_losses_metric_and_config(bundle, stage, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     stray = REPO / "mlruns"
     existed = stray.exists()
-    overrides = dict(dataset_dir=dataset_dir, bundle_root=tmp_path / "run", max_epochs=2, tracking="mlflow", tracking_uri=uri,
-                     **{k: json.dumps(v) for k, v in CASES[bundle].tiny.items()})  # fmt: skip
+    overrides = dict(
+        dataset_dir=dataset_dir,
+        bundle_root=tmp_path / "run",
+        max_epochs=2,
+        tracking="mlflow",
+        tracking_uri=uri,
+        **{k: json.dumps(v) for k, v in CASES[bundle].tiny.items()},
+    )
     if stage == "finetune":
         overrides.update(init_mode="scratch", val_interval=1, validation_mode="holdout")
     run_bundle(stage, configs(bundle, stage, "demo"), **overrides)

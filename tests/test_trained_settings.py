@@ -29,8 +29,12 @@ from selfmedmae_components.trained_settings import (
 from selfmedmae_components.weights import CheckpointError, load_weights
 
 CONFIG = {
-    "imports": ["$import json", "$import pathlib", "$import selfmedmae_components",
-                "$import selfmedmae_components.config_imports"],
+    "imports": [
+        "$import json",
+        "$import pathlib",
+        "$import selfmedmae_components",
+        "$import selfmedmae_components.config_imports",
+    ],
     "width": 8,
     "depth": 2,
     "pixdim": [1.0, 1.0],
@@ -44,7 +48,7 @@ CONFIG = {
         "sw_overlap=@sw_overlap, net=list(@network.weight.shape))))",
     ],
     "evaluate": "@run",  # as in the bundles: `run evaluate` resolves the whole list as one item
-}  # fmt: skip
+}
 # MONAI warns on every config it parses (configs are code); these are this file's own
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 
@@ -166,13 +170,25 @@ def test_a_damaged_record_is_named(trained):
 
 def test_recorded_maps_network_arguments_to_the_ids_that_feed_them():
     config = {
-        "roi_size": [96] * 3, "hidden_size": 768, "dpr": 0.1, "pixdim": [1.5] * 3, "hu_min": -175, "keys": ["image"],
-        "network_def": {"_target_": "UNETR", "img_size": "@roi_size", "hidden_size": "@hidden_size",
-                        "drop_path_rate": "@dpr", "num_layers": 12, "feature_size": "$@hidden_size // 48"},
-    }  # fmt: skip
-    record = {"network": {"img_size": [32] * 3, "hidden_size": 48, "drop_path_rate": 0.2, "num_layers": 4,
-                          "feature_size": 1},
-              "settings": {"roi_size": [48] * 3, "pixdim": [8.0] * 3, "hu_max": 250, "keys": ["label"]}}  # fmt: skip
+        "roi_size": [96] * 3,
+        "hidden_size": 768,
+        "dpr": 0.1,
+        "pixdim": [1.5] * 3,
+        "hu_min": -175,
+        "keys": ["image"],
+        "network_def": {
+            "_target_": "UNETR",
+            "img_size": "@roi_size",
+            "hidden_size": "@hidden_size",
+            "drop_path_rate": "@dpr",
+            "num_layers": 12,
+            "feature_size": "$@hidden_size // 48",
+        },
+    }
+    record = {
+        "network": {"img_size": [32] * 3, "hidden_size": 48, "drop_path_rate": 0.2, "num_layers": 4, "feature_size": 1},
+        "settings": {"roi_size": [48] * 3, "pixdim": [8.0] * 3, "hu_max": 250, "keys": ["label"]},
+    }
     weights, preprocessing = recorded(config, record)
     # the network argument's value, not the top-level setting of the same name; training-only arguments, literal
     # arguments and expressions are not ids to set

@@ -29,8 +29,19 @@ def test_defaults_are_vit_b16_3d_with_timms_tensor_layout():
 
 
 def test_constructor_arguments_reach_the_blocks():
-    enc = ViTEncoder(2, (32, 16), patch_size=8, spatial_dims=2, hidden_size=24, num_layers=3, num_heads=3,
-                     mlp_ratio=2.0, qkv_bias=False, drop_path_rate=0.2, learnable_pos_embed=False)  # fmt: skip
+    enc = ViTEncoder(
+        2,
+        (32, 16),
+        patch_size=8,
+        spatial_dims=2,
+        hidden_size=24,
+        num_layers=3,
+        num_heads=3,
+        mlp_ratio=2.0,
+        qkv_bias=False,
+        drop_path_rate=0.2,
+        learnable_pos_embed=False,
+    )
     assert enc.grid_size == (4, 2) and len(enc.blocks) == 3 and enc.blocks[2].mlp.linear1.out_features == 48
     assert all(b.attn.qkv.bias is None for b in enc.blocks)
     assert isinstance(enc.blocks[0].drop_path, torch.nn.Identity)  # the rate rises linearly from 0

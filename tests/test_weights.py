@@ -12,8 +12,16 @@ VIT = dict(hidden_size=48, num_layers=3, num_heads=4)
 
 
 def save_mae(path, img_size=32, spatial_dims=3, in_channels=1, wrap=True):
-    mae = MaskedAutoencoder(in_channels, img_size, 16, spatial_dims, decoder_hidden_size=48, decoder_num_layers=1,
-                            decoder_num_heads=4, **VIT)  # fmt: skip
+    mae = MaskedAutoencoder(
+        in_channels,
+        img_size,
+        16,
+        spatial_dims,
+        decoder_hidden_size=48,
+        decoder_num_layers=1,
+        decoder_num_heads=4,
+        **VIT,
+    )
     torch.save({"model": mae.state_dict()} if wrap else mae.state_dict(), path)
     return mae
 
@@ -126,8 +134,10 @@ def test_the_transfer_report_is_printed_as_it_happened(tmp_path, capsys):
 
 def test_init_modes_say_what_they_need_or_do(tmp_path, capsys):
     unetr = UNETR(1, 14, 32, skip_hidden_states=(0, 1, 2), **VIT)
-    for mode, needs in (("mae", "init_mode 'mae' needs a pretrained_checkpoint."),
-                        ("imagenet", "init_mode 'imagenet' needs a pretrained_checkpoint (an ImageNet ViT-B/16 file).")):  # fmt: skip
+    for mode, needs in (
+        ("mae", "init_mode 'mae' needs a pretrained_checkpoint."),
+        ("imagenet", "init_mode 'imagenet' needs a pretrained_checkpoint (an ImageNet ViT-B/16 file)."),
+    ):
         with pytest.raises(CheckpointError) as err:
             init_encoder(unetr, mode, None)
         assert str(err.value) == needs
@@ -173,10 +183,14 @@ def test_refusals_carry_the_first_line_of_torchs_reason(tmp_path):
 
 @pytest.mark.parametrize(
     "content, found",
-    [(b"  \n  first line of some notes, long enough to be cut at forty\nsecond\n",
-      "text starting 'first line of some notes, long enough to'"),
-     (b"\xff\xfe\x00\x01binary\x80", "binary data starting b'\\xff\\xfe\\x00\\x01bina'")],
-)  # fmt: skip
+    [
+        (
+            b"  \n  first line of some notes, long enough to be cut at forty\nsecond\n",
+            "text starting 'first line of some notes, long enough to'",
+        ),
+        (b"\xff\xfe\x00\x01binary\x80", "binary data starting b'\\xff\\xfe\\x00\\x01bina'"),
+    ],
+)
 def test_what_a_non_checkpoint_looks_like_is_described_exactly(tmp_path, content, found):
     (tmp_path / "f").write_bytes(content)
     with pytest.raises(CheckpointError) as err:

@@ -88,9 +88,16 @@ from selfmedmae_components.engines import (  # noqa: E402
 )
 
 MODEL_KEYS = (
-    "in_channels", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio",
-    "decoder_hidden_size", "decoder_num_layers", "decoder_num_heads",
-)  # fmt: skip
+    "in_channels",
+    "patch_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "mlp_ratio",
+    "decoder_hidden_size",
+    "decoder_num_layers",
+    "decoder_num_heads",
+)
 
 
 # ----------------------------------------------------------------------------- measuring helpers
@@ -290,12 +297,22 @@ def optimizer_seconds(phase: dict) -> float:
 def summarize(v: Variant, baseline: Variant | None, peaks: dict) -> dict:
     med, q1, q3 = median_iqr(v.times)
     row = dict(
-        name=v.name, group=v.group, precision=v.precision, items_per_step=v.items, error=v.error,
-        times_s=v.times, median_s=med, q1_s=q1, q3_s=q3, items_per_s=v.items / med if v.times else None,
+        name=v.name,
+        group=v.group,
+        precision=v.precision,
+        items_per_step=v.items,
+        error=v.error,
+        times_s=v.times,
+        median_s=med,
+        q1_s=q1,
+        q3_s=q3,
+        items_per_s=v.items / med if v.times else None,
         optimizer_median_s=statistics.median(v.opt_times) if v.opt_times else None,
-        peak_mem_mib=max(v.mem) if v.mem else None, peak_mem_total_mib=max(v.mem_total) if v.mem_total else None,
-        flops=v.flops, **v.info,
-    )  # fmt: skip
+        peak_mem_mib=max(v.mem) if v.mem else None,
+        peak_mem_total_mib=max(v.mem_total) if v.mem_total else None,
+        flops=v.flops,
+        **v.info,
+    )
     if v.flops and v.times:
         row["tflops"] = v.flops / med / 1e12
         peak = peaks.get(v.precision)
@@ -377,16 +394,33 @@ def build_mae_pair(cfg: dict, spatial_dims: int, device: torch.device):
 
     c = cfg
     ours = MaskedAutoencoder(
-        c["in_channels"], c["roi_size"], c["patch_size"], spatial_dims, c["hidden_size"], c["num_layers"],
-        c["num_heads"], c["mlp_ratio"], c["decoder_hidden_size"], c["decoder_num_layers"], c["decoder_num_heads"],
-    ).to(device)  # fmt: skip
+        c["in_channels"],
+        c["roi_size"],
+        c["patch_size"],
+        spatial_dims,
+        c["hidden_size"],
+        c["num_layers"],
+        c["num_heads"],
+        c["mlp_ratio"],
+        c["decoder_hidden_size"],
+        c["decoder_num_layers"],
+        c["decoder_num_heads"],
+    ).to(device)
     theirs = MaskedAutoEncoderViT(
-        in_channels=c["in_channels"], img_size=c["roi_size"], patch_size=c["patch_size"],
-        hidden_size=c["hidden_size"], mlp_dim=int(c["hidden_size"] * c["mlp_ratio"]), num_layers=c["num_layers"],
-        num_heads=c["num_heads"], decoder_hidden_size=c["decoder_hidden_size"],
-        decoder_mlp_dim=int(c["decoder_hidden_size"] * c["mlp_ratio"]), decoder_num_layers=c["decoder_num_layers"],
-        decoder_num_heads=c["decoder_num_heads"], spatial_dims=spatial_dims, qkv_bias=True,
-    ).to(device)  # fmt: skip
+        in_channels=c["in_channels"],
+        img_size=c["roi_size"],
+        patch_size=c["patch_size"],
+        hidden_size=c["hidden_size"],
+        mlp_dim=int(c["hidden_size"] * c["mlp_ratio"]),
+        num_layers=c["num_layers"],
+        num_heads=c["num_heads"],
+        decoder_hidden_size=c["decoder_hidden_size"],
+        decoder_mlp_dim=int(c["decoder_hidden_size"] * c["mlp_ratio"]),
+        decoder_num_layers=c["decoder_num_layers"],
+        decoder_num_heads=c["decoder_num_heads"],
+        spatial_dims=spatial_dims,
+        qkv_bias=True,
+    ).to(device)
     return ours, theirs
 
 
@@ -426,9 +460,15 @@ def mae_variants(cfg, preset, device, batch, mask_ratios, amp, fused, compile_, 
             eager = SimpleNamespace(**{**engine.__dict__, "network": ours})
             prec = _prec(step.dtype(device))
             return Variant(
-                f"ours {_short(prec)}{suffix}", lambda: step(engine, batchdata), x.shape[0], prec, f"mae {mr}",
-                flops=lambda: count_flops(lambda: step(eager, batchdata)), phase=phase_ours, info=info,
-            )  # fmt: skip
+                f"ours {_short(prec)}{suffix}",
+                lambda: step(engine, batchdata),
+                x.shape[0],
+                prec,
+                f"mae {mr}",
+                flops=lambda: count_flops(lambda: step(eager, batchdata)),
+                phase=phase_ours,
+                info=info,
+            )
 
         def monai_variant(dtype: torch.dtype | None, mr: float = mr, info: dict = info) -> Variant:
             def run() -> None:
@@ -441,9 +481,15 @@ def mae_variants(cfg, preset, device, batch, mask_ratios, amp, fused, compile_, 
 
             prec = _prec(dtype)
             return Variant(
-                f"MONAI MaskedAutoEncoderViT {_short(prec)}", run, x.shape[0], prec, f"mae {mr}",
-                flops=lambda: count_flops(run), phase=phase_theirs, info=info,
-            )  # fmt: skip
+                f"MONAI MaskedAutoEncoderViT {_short(prec)}",
+                run,
+                x.shape[0],
+                prec,
+                f"mae {mr}",
+                flops=lambda: count_flops(run),
+                phase=phase_theirs,
+                info=info,
+            )
 
         group = [monai_variant(None), ours_variant(False, ours)]
         if amp and fast is not None:
@@ -472,17 +518,32 @@ def finetune_variants(cfg, preset, device, batch, amp, fused, compile_, log) -> 
     labels = registry.get(preset).geometry.labels
     if labels == "multilabel":  # a label vector per image: the classifier
         net = ViTClassifier(
-            c["in_channels"], c["out_channels"], c["roi_size"], c["patch_size"], c["hidden_size"], c["num_layers"],
-            c["num_heads"], c["mlp_ratio"], c["drop_path_rate"],
-        ).to(device)  # fmt: skip
+            c["in_channels"],
+            c["out_channels"],
+            c["roi_size"],
+            c["patch_size"],
+            c["hidden_size"],
+            c["num_layers"],
+            c["num_heads"],
+            c["mlp_ratio"],
+            c["drop_path_rate"],
+        ).to(device)
         x = torch.rand(batch, c["in_channels"], *c["roi_size"], device=device)
         y = (torch.rand(batch, c["out_channels"], device=device) < 0.2).float()
         label = "ours ViTClassifier"
     else:
         net = UNETR(
-            c["in_channels"], c["out_channels"], c["roi_size"], c["feature_size"], c["hidden_size"], c["num_layers"],
-            c["num_heads"], c["mlp_ratio"], c["drop_path_rate"], skip_hidden_states=c["skip_hidden_states"],
-        ).to(device)  # fmt: skip
+            c["in_channels"],
+            c["out_channels"],
+            c["roi_size"],
+            c["feature_size"],
+            c["hidden_size"],
+            c["num_layers"],
+            c["num_heads"],
+            c["mlp_ratio"],
+            c["drop_path_rate"],
+            skip_hidden_states=c["skip_hidden_states"],
+        ).to(device)
         x = torch.rand(batch, c["in_channels"], *c["roi_size"], device=device)
         if labels == "regions":  # a binary channel per output
             y = (torch.rand(batch, c["out_channels"], *c["roi_size"], device=device) < 0.1).float()
@@ -517,7 +578,7 @@ def finetune_variants(cfg, preset, device, batch, amp, fused, compile_, log) -> 
                     "finetune",
                     flops=lambda s=step, e=flop_engine, b=bd: count_flops(lambda: s(e, b)),
                     phase=phase,
-                )  # fmt: skip
+                )
             )
     return out
 
@@ -541,11 +602,22 @@ def monai_unetr(cfg, device):
     from monai.networks.nets import UNETR as MonaiUNETR
 
     c = cfg
-    return MonaiUNETR(
-        c["in_channels"], c["out_channels"], c["roi_size"], feature_size=c["feature_size"],
-        hidden_size=c["hidden_size"], mlp_dim=int(c["hidden_size"] * c["mlp_ratio"]), num_heads=c["num_heads"],
-        norm_name="instance", res_block=True, qkv_bias=True,
-    ).to(device).eval()  # fmt: skip
+    return (
+        MonaiUNETR(
+            c["in_channels"],
+            c["out_channels"],
+            c["roi_size"],
+            feature_size=c["feature_size"],
+            hidden_size=c["hidden_size"],
+            mlp_dim=int(c["hidden_size"] * c["mlp_ratio"]),
+            num_heads=c["num_heads"],
+            norm_name="instance",
+            res_block=True,
+            qkv_bias=True,
+        )
+        .to(device)
+        .eval()
+    )
 
 
 def sw_variants(cfg, preset, device, amp, sw_measure_size, fast_overlap, fast_sw_batch, checkpoint, log):
@@ -558,9 +630,14 @@ def sw_variants(cfg, preset, device, amp, sw_measure_size, fast_overlap, fast_sw
     full = tuple(registry.get(preset).benchmark.sw_size)
     if sw_measure_size in (None, "auto"):
         # CPU: a centre crop with 2 x 2 x 1 windows at the bundle's overlap; CUDA: the whole volume
-        measure = full if device.type == "cuda" else tuple(
-            min(f, r + int(r * (1 - c["sw_overlap"])) if i < 2 else r) for i, (f, r) in enumerate(zip(full, c["roi_size"]))
-        )  # fmt: skip
+        measure = (
+            full
+            if device.type == "cuda"
+            else tuple(
+                min(f, r + int(r * (1 - c["sw_overlap"])) if i < 2 else r)
+                for i, (f, r) in enumerate(zip(full, c["roi_size"]))
+            )
+        )
     elif sw_measure_size == "full":
         measure = full
     else:
@@ -572,10 +649,22 @@ def sw_variants(cfg, preset, device, amp, sw_measure_size, fast_overlap, fast_sw
     extrapolated = measure != full
 
     torch.manual_seed(0)
-    ours = UNETR(
-        c["in_channels"], c["out_channels"], c["roi_size"], c["feature_size"], c["hidden_size"], c["num_layers"],
-        c["num_heads"], c["mlp_ratio"], 0.0, skip_hidden_states=c["skip_hidden_states"],
-    ).to(device).eval()  # fmt: skip
+    ours = (
+        UNETR(
+            c["in_channels"],
+            c["out_channels"],
+            c["roi_size"],
+            c["feature_size"],
+            c["hidden_size"],
+            c["num_layers"],
+            c["num_heads"],
+            c["mlp_ratio"],
+            0.0,
+            skip_hidden_states=c["skip_hidden_states"],
+        )
+        .to(device)
+        .eval()
+    )
     if checkpoint:
         from selfmedmae_components.weights import load_state_dict
 
@@ -608,8 +697,16 @@ def sw_variants(cfg, preset, device, amp, sw_measure_size, fast_overlap, fast_sw
                 win_flops["f"] = count_flops(lambda: net(vol[(..., *[slice(0, r) for r in roi])]))
             return win_flops["f"] * w_measured
 
-        info = dict(overlap=overlap, sw_batch_size=bs, windows_measured=w_measured, windows_full=w_full,
-                    measured_size=list(measure), volume_size=list(full), extrapolated=extrapolated, grad_mode=mode)  # fmt: skip
+        info = dict(
+            overlap=overlap,
+            sw_batch_size=bs,
+            windows_measured=w_measured,
+            windows_full=w_full,
+            measured_size=list(measure),
+            volume_size=list(full),
+            extrapolated=extrapolated,
+            grad_mode=mode,
+        )
         return Variant(name, run, 1, precision, "sw", flops=flops, info=info)
 
     vs = [
@@ -710,10 +807,22 @@ def data_pipeline(preset: str, data_dir: str | None, n_volumes: int, items_per_c
                 el = time.perf_counter() - t
                 sample = out[0] if isinstance(out, list) else out
                 shape = list(sample["image"].shape)
-                rows.append(dict(config=config, cached_items=len(dataset), cache_s=cache_s, crops=n_crops, seconds=el,
-                                 crops_per_s=n_crops / el, crop_shape=shape, workers=1))  # fmt: skip
-                log(f"data {config}: {n_crops} crops {shape} in {el:.2f}s = {n_crops / el:.1f} crops/s per worker "
-                    f"(caching {len(dataset)} items took {cache_s:.1f}s)")  # fmt: skip
+                rows.append(
+                    dict(
+                        config=config,
+                        cached_items=len(dataset),
+                        cache_s=cache_s,
+                        crops=n_crops,
+                        seconds=el,
+                        crops_per_s=n_crops / el,
+                        crop_shape=shape,
+                        workers=1,
+                    )
+                )
+                log(
+                    f"data {config}: {n_crops} crops {shape} in {el:.2f}s = {n_crops / el:.1f} crops/s per worker "
+                    f"(caching {len(dataset)} items took {cache_s:.1f}s)"
+                )
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(config=config, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
                 log(f"data {config}: FAILED {rows[-1]['error']}")
@@ -791,10 +900,15 @@ def main(
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from mae, finetune, sw, data.")
     mask_ratios = [float(m) for m in (mask_ratios if isinstance(mask_ratios, (list, tuple)) else [mask_ratios])]
     overrides = dict(
-        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
-        decoder_hidden_size=decoder_hidden_size, decoder_num_layers=decoder_num_layers,
-        decoder_num_heads=decoder_num_heads, feature_size=feature_size,
-    )  # fmt: skip
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        decoder_hidden_size=decoder_hidden_size,
+        decoder_num_layers=decoder_num_layers,
+        decoder_num_heads=decoder_num_heads,
+        feature_size=feature_size,
+    )
     if roi_size is not None:  # e.g. --roi_size 32 for a quick check (tools/gpu_check.sh's dry run)
         roi = [int(r) for r in np.atleast_1d(roi_size)]
         overrides["roi_size"] = tuple(roi * registry.get(preset).geometry.spatial_dims if len(roi) == 1 else roi)
@@ -808,13 +922,21 @@ def main(
     fast, precision_reason = precision_choice(dev, amp)
     # the CPU's bf16 capability and the precision chosen from it, so that numbers from two CPUs compare
     env = dict(
-        device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-        cpu_model=_cpu_model(), cpu_capability=cpu_capability(), threads=torch.get_num_threads(), torch=torch.__version__,
-        python=platform.python_version(), amp_dtype=str(fast) if fast else None, precision=precision_reason,
+        device=str(dev),
+        device_name=torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine(),
+        cpu_model=_cpu_model(),
+        cpu_capability=cpu_capability(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        amp_dtype=str(fast) if fast else None,
+        precision=precision_reason,
         float32_matmul="tf32" if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "float32",
         cudnn_benchmark=torch.backends.cudnn.benchmark,
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-    )  # fmt: skip
+    )
     try:
         import monai
 
@@ -830,14 +952,17 @@ def main(
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         env["load_average"] = load
         if load > cores and torch.get_num_threads() > 1:
-            log(f"note: load average {load:.1f} on {cores} cores: threads wait for each other at every op; "
-                "--threads 1 is faster and steadier on a shared CPU")  # fmt: skip
+            log(
+                f"note: load average {load:.1f} on {cores} cores: threads wait for each other at every op; "
+                "--threads 1 is faster and steadier on a shared CPU"
+            )
     peaks = {"float32": matmul_peak_tflops(dev, torch.float32)}
     if fast is not None:
         peaks[str(fast)[6:]] = matmul_peak_tflops(dev, fast)
     log("matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in peaks.items()))
-    results: dict[str, Any] = dict(preset=preset, batch=batch, settings=cfg, env=env, matmul_peak_tflops=peaks,
-                                   memory_kind=PeakMemory(dev).kind)  # fmt: skip
+    results: dict[str, Any] = dict(
+        preset=preset, batch=batch, settings=cfg, env=env, matmul_peak_tflops=peaks, memory_kind=PeakMemory(dev).kind
+    )
 
     if "mae" in parts:
         log(f"MAE step, batch {batch}, mask ratios {mask_ratios}")
@@ -846,8 +971,11 @@ def main(
             interleave(group, dev, warmup, repeats, log)
             rows = [summarize(v, group[0], peaks) for v in group]
             results["mae"] += rows
-            print_table(rows, f"MAE pre-training step, {preset}, mask {group[0].info['mask_ratio']}, batch {batch}",
-                        "vol/s" if registry.get(preset).geometry.spatial_dims == 3 else "img/s")  # fmt: skip
+            print_table(
+                rows,
+                f"MAE pre-training step, {preset}, mask {group[0].info['mask_ratio']}, batch {batch}",
+                "vol/s" if registry.get(preset).geometry.spatial_dims == 3 else "img/s",
+            )
         group = None  # the models live in the variants' closures: let them go
         _gc(dev)
         save(results, out)
@@ -890,11 +1018,15 @@ def main(
         results["sliding_window"] = rows
         est = " est." if rows[0].get("extrapolated") else ""
         print_table(
-            rows, f"sliding-window inference, {preset}, volume {'x'.join(map(str, full))}"
-            + (f" (measured on a {'x'.join(map(str, measure))} crop)" if est else ""), "vol/s",
-            extra=lambda r: f"s/volume{est} {fmt(r.get('s_per_volume'), '.1f')}, x base {fmt(r.get('speedup_per_volume_vs_baseline'))}, "
-            f"Dice vs ours fp32 {fmt(r.get('dice_vs_ours_fp32'), '.4f')}, agreement {fmt(r.get('voxel_agreement'), '.4f')}",
-        )  # fmt: skip
+            rows,
+            f"sliding-window inference, {preset}, volume {'x'.join(map(str, full))}"
+            + (f" (measured on a {'x'.join(map(str, measure))} crop)" if est else ""),
+            "vol/s",
+            extra=lambda r: (
+                f"s/volume{est} {fmt(r.get('s_per_volume'), '.1f')}, x base {fmt(r.get('speedup_per_volume_vs_baseline'))}, "
+                f"Dice vs ours fp32 {fmt(r.get('dice_vs_ours_fp32'), '.4f')}, agreement {fmt(r.get('voxel_agreement'), '.4f')}"
+            ),
+        )
         del vs, outputs
         _gc(dev)
         save(results, out)

@@ -144,8 +144,11 @@ def held_bytes(obj: Any, seen: set) -> int:
 
 def cached_dtypes(item: dict) -> dict:
     """The cached item's arrays and their dtypes (bit masks of crop centres: "bits")."""
-    return {k: str(getattr(v, "dtype", "bits")).replace("torch.", "") for k, v in item.items()
-            if held_bytes(v, set()) > 2**10}  # fmt: skip
+    return {
+        k: str(getattr(v, "dtype", "bits")).replace("torch.", "")
+        for k, v in item.items()
+        if held_bytes(v, set()) > 2**10
+    }
 
 
 def build_cached(parser, key: str) -> tuple[Any, dict]:
@@ -159,9 +162,12 @@ def build_cached(parser, key: str) -> tuple[Any, dict]:
     after, n = _status_kb("VmRSS"), len(dataset)
     held = held_bytes(dataset._cache, set())
     return dataset, dict(
-        cases=n, held_mb=held / n / 2**20, rss_mb=(after - before) / n / 1024, transient_mb=(peak - after) / 1024,
+        cases=n,
+        held_mb=held / n / 2**20,
+        rss_mb=(after - before) / n / 1024,
+        transient_mb=(peak - after) / 1024,
         dtypes=cached_dtypes(dataset._cache[0]),
-    )  # fmt: skip
+    )
 
 
 def batch_mb(batch: Any) -> float:
@@ -186,8 +192,12 @@ def crops_per_s(dataset, collate, batch_size: int, batches: int) -> dict:
     finally:
         torch.set_num_threads(threads)
     image = batch["image"]
-    return dict(crops_per_s=crops / seconds, s_per_batch=seconds / batches, batch_mb=batch_mb(batch),
-                image=f"{tuple(image.shape)} {str(image.dtype).replace('torch.', '')}")  # fmt: skip
+    return dict(
+        crops_per_s=crops / seconds,
+        s_per_batch=seconds / batches,
+        batch_mb=batch_mb(batch),
+        image=f"{tuple(image.shape)} {str(image.dtype).replace('torch.', '')}",
+    )
 
 
 def worker_uss(parser) -> float:
@@ -257,8 +267,10 @@ def measure(bundle: str, config: str, items: list[dict], batches: int, log) -> d
     row["gflops_per_crop"] = step_gflops(config_parser(bundle, config, {}))
     set_track_meta(True)
     _settle()
-    log(f"  {bundle} {config} ({REPO}): " + json.dumps(
-        {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))  # fmt: skip
+    log(
+        f"  {bundle} {config} ({REPO}): "
+        + json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
+    )
     return row
 
 
@@ -272,8 +284,13 @@ def full_size(bundle: str, config: str, row: dict, base_mb: float, ranks: int = 
     in_flight = (row["num_workers"] * row.get("prefetch_factor", 2) + 2) * row["batch_mb"]
     caching = base_mb + cache + row["num_workers"] * row["transient_mb"]  # num_workers caching threads
     total = base_mb + cache + workers + in_flight
-    return dict(cache_gb=cache / 1024, workers_gb=workers / 1024, in_flight_gb=in_flight / 1024,
-                caching_peak_gb=caching / 1024, total_gb=total / 1024)  # fmt: skip
+    return dict(
+        cache_gb=cache / 1024,
+        workers_gb=workers / 1024,
+        in_flight_gb=in_flight / 1024,
+        caching_peak_gb=caching / 1024,
+        total_gb=total / 1024,
+    )
 
 
 # ------------------------------------------------------------------------------------ report
@@ -319,8 +336,22 @@ def measure_commit(ref: str, bundles: list, configs: list, items: dict, batches:
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
         out, items_file = Path(tree) / "rows.json", Path(tree) / "items.json"
         items_file.write_text(json.dumps(items))
-        cmd = [sys.executable, __file__, "--repo", tree, "--bundles", ",".join(bundles), "--configs", ",".join(configs),
-               "--batches", str(batches), "--out", str(out), "--items_file", str(items_file)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--repo",
+            tree,
+            "--bundles",
+            ",".join(bundles),
+            "--configs",
+            ",".join(configs),
+            "--batches",
+            str(batches),
+            "--out",
+            str(out),
+            "--items_file",
+            str(items_file),
+        ]
         subprocess.run(cmd, check=True)
         rows = json.loads(out.read_text())["rows"]
     return {(*key.split()[:2], f"@{ref}"): row for key, row in rows.items()}
@@ -347,8 +378,17 @@ def scaling_dataset(folder: Path, n: int, shape: tuple[int, ...]) -> Path:
 
 def measure_cache_row(dataset: str, cache: str, cache_dir: str, batches: int, workers: int) -> dict:
     """One size and cache, in this (fresh) process: fill time, resident set, crops/s per worker."""
-    parser = config_parser("msd_seg", "pretrain", {"dataset_dir": dataset, "cache": cache, "cache_dir": cache_dir,
-                                                   "num_workers": workers, "train#dataset#progress": False})  # fmt: skip
+    parser = config_parser(
+        "msd_seg",
+        "pretrain",
+        {
+            "dataset_dir": dataset,
+            "cache": cache,
+            "cache_dir": cache_dir,
+            "num_workers": workers,
+            "train#dataset#progress": False,
+        },
+    )
     _settle()
     base = _status_kb("VmRSS") / 1024
     t = time.perf_counter()
@@ -362,11 +402,17 @@ def measure_cache_row(dataset: str, cache: str, cache_dir: str, batches: int, wo
 
     retain_freed_memory()  # as EpochSeededDataLoader's workers do
     # the best of 3 rounds: a round is a few seconds, and another process on the machine slows one, not three
-    row = max((crops_per_s(built, list_data_collate, batch_size, batches) for _ in range(3)),
-              key=lambda r: r["crops_per_s"])  # fmt: skip
+    row = max(
+        (crops_per_s(built, list_data_collate, batch_size, batches) for _ in range(3)), key=lambda r: r["crops_per_s"]
+    )
     _settle()
-    row.update(cases=len(built), fill_s=fill_s, base_mb=base, rss_built_mb=after_build - base,
-               rss_drawn_mb=_status_kb("VmRSS") / 1024 - base)  # fmt: skip
+    row.update(
+        cases=len(built),
+        fill_s=fill_s,
+        base_mb=base,
+        rss_built_mb=after_build - base,
+        rss_drawn_mb=_status_kb("VmRSS") / 1024 - base,
+    )
     return row
 
 
@@ -378,12 +424,20 @@ def cache_scaling(caches: list[str], sizes: list[int], shape: tuple[int, ...], b
             log(f"{n} cases of {tuple(shape)} voxels written and prepared")
             for cache in caches:
                 for fill in ("fill", "reuse") if cache == "disk" else ("fill",):
-                    cmd = [sys.executable, __file__, "--measure_cache", json.dumps([str(dataset), cache,
-                           str(Path(tmp) / f"cache{n}"), batches, workers])]  # fmt: skip
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--measure_cache",
+                        json.dumps([str(dataset), cache, str(Path(tmp) / f"cache{n}"), batches, workers]),
+                    ]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                     rows[(n, cache, fill)] = json.loads(out.strip().splitlines()[-1])
-                    log(f"  {n} {cache} ({fill}): " + json.dumps({k: round(v, 2) if isinstance(v, float) else v
-                                                               for k, v in rows[(n, cache, fill)].items()}))  # fmt: skip
+                    log(
+                        f"  {n} {cache} ({fill}): "
+                        + json.dumps(
+                            {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[(n, cache, fill)].items()}
+                        )
+                    )
             shutil.rmtree(Path(tmp) / f"n{n}", ignore_errors=True)
             shutil.rmtree(Path(tmp) / f"cache{n}", ignore_errors=True)
     lines = [
@@ -398,8 +452,10 @@ def cache_scaling(caches: list[str], sizes: list[int], shape: tuple[int, ...], b
         ram = rows.get((n, "ram", "fill"))
         ratio = f"{row['crops_per_s'] / ram['crops_per_s']:.2f}" if ram else "-"
         label = cache if cache != "disk" else f"disk ({'filled' if fill == 'fill' else 'reused'})"
-        lines.append(f"| {n} | {label} | {row['fill_s']:.1f} | {row['rss_built_mb']:.0f} | {row['rss_drawn_mb']:.0f} "
-                     f"| {row['crops_per_s']:.0f} | {ratio} |")  # fmt: skip
+        lines.append(
+            f"| {n} | {label} | {row['fill_s']:.1f} | {row['rss_built_mb']:.0f} | {row['rss_drawn_mb']:.0f} "
+            f"| {row['crops_per_s']:.0f} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -436,9 +492,13 @@ def decode_times(shape: tuple[int, ...], repeats: int, log) -> str:
         timed("NIfTI read (.nii.gz, nibabel)", lambda: np.asanyarray(nib_load(nifti).dataobj))
         mb = image.nbytes / 2**20
     base = times["NIfTI read (.nii.gz, nibabel)"]
-    lines = [f"One CT series of {tuple(shape)} voxels ({len(files)} slices, {mb:.0f} MB as int16), per read, "
-             f"{repeats} repetitions, warm page cache, one process:", "",
-             "| read | s per series | vs NIfTI read |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        f"One CT series of {tuple(shape)} voxels ({len(files)} slices, {mb:.0f} MB as int16), per read, "
+        f"{repeats} repetitions, warm page cache, one process:",
+        "",
+        "| read | s per series | vs NIfTI read |",
+        "|---|---|---|",
+    ]
     lines += [f"| {label} | {t:.3f} | {t / base:.1f} |" for label, t in times.items()]
     return "\n".join(lines)
 
@@ -488,8 +548,14 @@ def main(
         t0 = time.perf_counter()
         log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
         as_list = lambda v, f: [f(x) for x in (v.split(",") if isinstance(v, str) else ([v] if np.ndim(v) == 0 else v))]
-        table = cache_scaling(as_list(caches, str), as_list(cases or "50,500,2000", int), tuple(as_list(shape, int)),
-                              batches, workers, log)  # fmt: skip
+        table = cache_scaling(
+            as_list(caches, str),
+            as_list(cases or "50,500,2000", int),
+            tuple(as_list(shape, int)),
+            batches,
+            workers,
+            log,
+        )
         print("\n" + table)
         if out:
             Path(out).write_text(table + "\n")
@@ -549,8 +615,17 @@ def main(
     table = report(results, base_mb, gpu_tflops)
     print("\n" + table)
     if out:
-        Path(out).write_text(json.dumps({"base_mb": base_mb, "gpu_tflops": gpu_tflops, "table": table,
-                                         "rows": {" ".join(k): v for k, v in results.items()}}, indent=1))  # fmt: skip
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "base_mb": base_mb,
+                    "gpu_tflops": gpu_tflops,
+                    "table": table,
+                    "rows": {" ".join(k): v for k, v in results.items()},
+                },
+                indent=1,
+            )
+        )
         log(f"wrote {out}")
 
 

@@ -160,14 +160,52 @@ def stages(bundle: str, workdir: Path, amp: bool | str | None = None) -> list[tu
     return [
         ("data", [py, "tools/make_demo_data.py", entry.name, str(data_root), *spec.make_args], {}),
         ("prepare", [py, "tools/prepare.py", *spec.prepare_command(entry.name, data_root)], {}),
-        ("pretrain", bundle_run + ["pretrain", "--config_file", cfg("pretrain"), *common, *amp_arg,
-                                   "--max_epochs", str(spec.pretrain_epochs)], env),
-        ("finetune", bundle_run + ["finetune", "--config_file", cfg("finetune"), *common, *amp_arg,
-                                   "--max_epochs", str(spec.finetune_epochs), "--val_interval", str(spec.val_interval)], env),
+        (
+            "pretrain",
+            bundle_run
+            + [
+                "pretrain",
+                "--config_file",
+                cfg("pretrain"),
+                *common,
+                *amp_arg,
+                "--max_epochs",
+                str(spec.pretrain_epochs),
+            ],
+            env,
+        ),
+        (
+            "finetune",
+            bundle_run
+            + [
+                "finetune",
+                "--config_file",
+                cfg("finetune"),
+                *common,
+                *amp_arg,
+                "--max_epochs",
+                str(spec.finetune_epochs),
+                "--val_interval",
+                str(spec.val_interval),
+            ],
+            env,
+        ),
         ("evaluate", bundle_run + ["evaluate", "--config_file", cfg("evaluate"), *common, *amp_arg], env),
-        ("inference", bundle_run + ["inference", "--config_file", cfg("inference"), *common, *amp_arg,
-                                    "--input_dir", str(dataset_dir / spec.input)], env),
-    ]  # fmt: skip
+        (
+            "inference",
+            bundle_run
+            + [
+                "inference",
+                "--config_file",
+                cfg("inference"),
+                *common,
+                *amp_arg,
+                "--input_dir",
+                str(dataset_dir / spec.input),
+            ],
+            env,
+        ),
+    ]
 
 
 def run_folder(name: str) -> str:
@@ -196,8 +234,11 @@ def run_demo(bundle: str, workdir: Path, amp: bool | str | None = None) -> None:
     print(f"TensorBoard:          tensorboard --logdir {out / 'logs'}")
 
 
-def main(bundles: str | tuple = tuple(d.bundle for d in registry.DATASETS if d.demo_run.default), workdir: str = "demo_runs",
-         amp: bool | str | None = None) -> None:  # fmt: skip
+def main(
+    bundles: str | tuple = tuple(d.bundle for d in registry.DATASETS if d.demo_run.default),
+    workdir: str = "demo_runs",
+    amp: bool | str | None = None,
+) -> None:
     """Run the demo for the given bundles (comma-separated or a list; bundle folders or dataset names) into
     ``workdir``; ``amp`` overrides the configs' mixed-precision switch (``--amp False``: float32 throughout)."""
     errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)

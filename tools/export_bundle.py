@@ -117,8 +117,9 @@ def _record_weights(bundle: Path, hashes: dict[str, str]) -> None:
     data = data or {"large_files": []}
     paths = [f"models/{n}" for n in sorted(hashes, key=lambda n: n != "model.pt")]
     entries = [e for e in data.get("large_files", []) if e.get("path") not in paths]
-    data["large_files"] = [{"path": p, "url": "", "hash_val": hashes[p[len("models/"):]], "hash_type": "sha256"}
-                           for p in paths] + entries  # fmt: skip
+    data["large_files"] = [
+        {"path": p, "url": "", "hash_val": hashes[p[len("models/") :]], "hash_type": "sha256"} for p in paths
+    ] + entries
     header = (
         "# Written by tools/export_bundle.py: the models/*.pt listed with an empty url ship inside this export;\n"
         "# hash_val is their sha256.\n"
@@ -194,8 +195,11 @@ def apply_settings(configs: Path, settings: dict, note: str) -> list[str]:
 
 
 def _phrase(settings: dict) -> dict:
-    return {k: settings[k] for k in ("hidden_size", "num_layers", "num_heads", "patch_size", "roi_size", "img_size", "pixdim")
-            if k in settings}  # fmt: skip
+    return {
+        k: settings[k]
+        for k in ("hidden_size", "num_layers", "num_heads", "patch_size", "roi_size", "img_size", "pixdim")
+        if k in settings
+    }
 
 
 def describe(meta: dict, defaults: dict, settings: dict, source: str) -> dict:
@@ -210,8 +214,10 @@ def describe(meta: dict, defaults: dict, settings: dict, source: str) -> dict:
     if size is not None and "spatial_shape" in image:
         image["spatial_shape"] = list(size) if isinstance(size, list) else [size] * len(image["spatial_shape"])
     d = {**defaults, **settings}
-    vit = (f"ViT (width {d.get('hidden_size')}, {d.get('num_layers')} blocks, {d.get('num_heads')} heads, "
-           f"patch {d.get('patch_size', 16)})")  # fmt: skip
+    vit = (
+        f"ViT (width {d.get('hidden_size')}, {d.get('num_layers')} blocks, {d.get('num_heads')} heads, "
+        f"patch {d.get('patch_size', 16)})"
+    )
     text = meta.get("description", "").replace("ViT-B/16", vit)
     if isinstance(size, list) and len(set(size)) == 1:
         text = re.sub(r"\b\d+\^3\b", f"{size[0]}^3", text)
@@ -220,8 +226,10 @@ def describe(meta: dict, defaults: dict, settings: dict, source: str) -> dict:
     elif size is not None:
         text = re.sub(r"\b\d+x\d+\b", f"{size}x{size}", text)
     listed = ", ".join(f"{k} {json.dumps(v)}" for k, v in changed.items())
-    meta["description"] = (f"{text} These weights come from {source}, whose settings differ from the paper's "
-                           f"(the bundle's defaults): {listed}.")  # fmt: skip
+    meta["description"] = (
+        f"{text} These weights come from {source}, whose settings differ from the paper's "
+        f"(the bundle's defaults): {listed}."
+    )
     return meta
 
 
@@ -344,8 +352,10 @@ def export_bundle(
         try:
             record = read_record(record_path(run / "models", "finetune"))
         except (FileNotFoundError, ValueError) as e:
-            raise ExportError(f"--run {run}: {e} A run made before run records existed: give its settings with --set "
-                              "key=value (those of configs/demo.yaml for the README demo) or run fine-tuning again.") from e  # fmt: skip
+            raise ExportError(
+                f"--run {run}: {e} A run made before run records existed: give its settings with --set "
+                "key=value (those of configs/demo.yaml for the README demo) or run fine-tuning again."
+            ) from e
         weights = weights or run / "models" / "model.pt"
         if (run / "models" / "mae_pretrain.pt").is_file():
             extra.append(run / "models" / "mae_pretrain.pt")
@@ -424,8 +434,12 @@ def main(argv: list[str] | None = None) -> int:
 
     errors.install()  # a user error ends the tool with "error: <message>", not a traceback (errors.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle", nargs="?", help="bundle name under bundles/ (btcv_seg, brats_seg, cxr14_cls) or a bundle "
-                        "folder; optional with --run (the run record names it)")  # fmt: skip
+    parser.add_argument(
+        "bundle",
+        nargs="?",
+        help="bundle name under bundles/ (btcv_seg, brats_seg, cxr14_cls) or a bundle "
+        "folder; optional with --run (the run record names it)",
+    )
     parser.add_argument(
         "--run", help="a training run's folder (its bundle_root): its weights, MAE weights and recorded settings"
     )

@@ -67,11 +67,16 @@ from selfmedmae_components.paired_stats import holm, mean_ci, paired_test  # noq
 INITS = ("scratch", "mae", "imagenet")
 # config ids the study sets itself, with the option that sets them
 OWN_IDS = {
-    "bundle_root": "--workdir", "dataset_dir": "--dataset_dir", "datalist_file": "--datalist", "seed": "--seeds",
-    "init_mode": "--inits", "pretrained_checkpoint": "--mae_checkpoint or --imagenet_checkpoint",
+    "bundle_root": "--workdir",
+    "dataset_dir": "--dataset_dir",
+    "datalist_file": "--datalist",
+    "seed": "--seeds",
+    "init_mode": "--inits",
+    "pretrained_checkpoint": "--mae_checkpoint or --imagenet_checkpoint",
     "validation_mode": "nothing (the study keeps the last weights: none)",
-    "max_epochs": "--finetune_steps or --pretrain_epochs", "warmup_epochs": "--warmup_fraction",
-}  # fmt: skip
+    "max_epochs": "--finetune_steps or --pretrain_epochs",
+    "warmup_epochs": "--warmup_fraction",
+}
 # demo generator flags beyond the registry's: many unlabelled volumes for MAE (the labelled cases stay the demo's)
 DEMO_MAKE = {"btcv": ["--num_test_cases=20"], "brats": ["--num_cases=30", "--num_test_cases=20"]}
 
@@ -107,8 +112,10 @@ def parse_labelled(text: str, pool: int, bundle: str, fractions_allowed: bool) -
     for spec in specs:
         if spec.endswith("%"):
             if not fractions_allowed:
-                raise StudyError(f"--labelled {spec}: percentages are for 2-D classification (cxr14_cls); give counts "
-                                 f"of labelled cases for {bundle}, e.g. 1,2,4,8")  # fmt: skip
+                raise StudyError(
+                    f"--labelled {spec}: percentages are for 2-D classification (cxr14_cls); give counts "
+                    f"of labelled cases for {bundle}, e.g. 1,2,4,8"
+                )
             try:
                 fraction = float(spec[:-1]) / 100
             except ValueError:
@@ -124,8 +131,10 @@ def parse_labelled(text: str, pool: int, bundle: str, fractions_allowed: bool) -
                     f"--labelled {spec}: expected a whole number of labelled cases or a percentage"
                 ) from None
             if not 1 <= n <= pool:
-                raise StudyError(f"--labelled {spec}: expected 1 to {pool}, the labelled cases available "
-                                 "(training + validation of the datalist)")  # fmt: skip
+                raise StudyError(
+                    f"--labelled {spec}: expected 1 to {pool}, the labelled cases available "
+                    "(training + validation of the datalist)"
+                )
         out.append((spec, n))
     if len({n for _, n in out}) < len(out):
         raise StudyError(f"--labelled {text}: two entries give the same number of cases ({[n for _, n in out]})")
@@ -142,8 +151,13 @@ def subset(pool: list[dict], n: int, seed: int) -> list[dict]:
 def mae_datalist(datalist: dict) -> dict:
     """The datalist MAE pre-trains on: every image outside the evaluation cases, without its label, as its
     "training" list (every other list emptied, so no config reads an image twice or an evaluation case)."""
-    images = [{"image": c["image"]} for key, cases in datalist.items()
-              if key != "evaluation" and isinstance(cases, list) for c in cases if isinstance(c, dict) and "image" in c]  # fmt: skip
+    images = [
+        {"image": c["image"]}
+        for key, cases in datalist.items()
+        if key != "evaluation" and isinstance(cases, list)
+        for c in cases
+        if isinstance(c, dict) and "image" in c
+    ]
     return {**{k: ([] if isinstance(v, list) else v) for k, v in datalist.items()}, "training": images}
 
 
@@ -170,8 +184,13 @@ class BundleRunner:
 
     def pretrain(self, root: Path, datalist: Path, epochs: int | None) -> Path:
         """MAE pre-training in ``root`` (skipped when ``root`` holds its checkpoint from the same command)."""
-        settings = {"bundle_root": root, "dataset_dir": self.dataset_dir, "datalist_file": datalist,
-                    **({"max_epochs": epochs} if epochs else {}), **self.overrides["pretrain"]}  # fmt: skip
+        settings = {
+            "bundle_root": root,
+            "dataset_dir": self.dataset_dir,
+            "datalist_file": datalist,
+            **({"max_epochs": epochs} if epochs else {}),
+            **self.overrides["pretrain"],
+        }
         cmd = sweep.bundle_command(self.bundle, "pretrain", self.presets, settings)
         checkpoint, plan = root / "models" / "mae_pretrain.pt", root / "commands.json"
         if checkpoint.is_file() and plan.is_file() and plan.read_text() == json.dumps(cmd[1:]):
@@ -219,9 +238,20 @@ def config_int(bundle: str, stage: str, presets: list[str], overrides: dict[str,
 def metric_rows(results: list[tuple[Cell, dict]], bundle: str) -> list[dict]:
     rows = []
     for cell, r in results:
-        rows.append({"bundle": bundle, "labelled": cell.spec, "n_labelled": cell.n, "seed": cell.seed,
-                     "init": cell.init, "steps": r["steps"], "epochs": r["epochs"], **sweep.metrics_of(r["summary"]),
-                     "finetune_s": r["times"].get("finetune_s"), "evaluate_s": r["times"].get("evaluate_s")})  # fmt: skip
+        rows.append(
+            {
+                "bundle": bundle,
+                "labelled": cell.spec,
+                "n_labelled": cell.n,
+                "seed": cell.seed,
+                "init": cell.init,
+                "steps": r["steps"],
+                "epochs": r["epochs"],
+                **sweep.metrics_of(r["summary"]),
+                "finetune_s": r["times"].get("finetune_s"),
+                "evaluate_s": r["times"].get("evaluate_s"),
+            }
+        )
     return rows
 
 
@@ -250,19 +280,28 @@ def summary_table(rows: list[dict], metric: str, inits: list[str]) -> list[str]:
             cells.append(f"{pct(statistics.mean(v))} ± {pct(sd)}")
         lines.append(f"| {spec} | {n} | " + " | ".join(cells) + " |")
     for init in [i for i in inits if i != "scratch"] if "scratch" in inits else []:
-        tests = [paired_test([value[(n, s, init)] for s in seeds], [value[(n, s, "scratch")] for s in seeds])
-                 for n, _ in counts]  # fmt: skip
+        tests = [
+            paired_test([value[(n, s, init)] for s in seeds], [value[(n, s, "scratch")] for s in seeds])
+            for n, _ in counts
+        ]
         holm_t, holm_w = holm([t.p_t for t in tests]), holm([t.p_wilcoxon for t in tests])
-        lines += ["", f"**{init} - scratch**, paired by seed (same labelled cases); p values two-sided, Holm-corrected "
-                  f"across the {len(counts)} counts (raw p in brackets). With {len(seeds)} pairs the smallest two-sided "
-                  f"Wilcoxon p is {2 / 2 ** len(seeds):.3g} (all differences of one sign); the t-test assumes normal "
-                  "differences.", "",
-                  "| labelled | pairs | mean difference [95 % CI] | paired t | t-test p | Wilcoxon p |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"**{init} - scratch**, paired by seed (same labelled cases); p values two-sided, Holm-corrected "
+            f"across the {len(counts)} counts (raw p in brackets). With {len(seeds)} pairs the smallest two-sided "
+            f"Wilcoxon p is {2 / 2 ** len(seeds):.3g} (all differences of one sign); the t-test assumes normal "
+            "differences.",
+            "",
+            "| labelled | pairs | mean difference [95 % CI] | paired t | t-test p | Wilcoxon p |",
+            "|---|---|---|---|---|---|",
+        ]
         for (_, spec), t, ht, hw in zip(counts, tests, holm_t, holm_w):
             ci = f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]" if not math.isnan(t.ci_low) else "[-]"
             tstat = "-" if math.isnan(t.t) else f"{t.t:.2f}"
-            lines.append(f"| {spec} | {t.n} | {100 * t.mean_diff:+.2f} {ci} | {tstat} | {pval(ht)} ({pval(t.p_t)}) "
-                         f"| {pval(hw)} ({pval(t.p_wilcoxon)}) |")  # fmt: skip
+            lines.append(
+                f"| {spec} | {t.n} | {100 * t.mean_diff:+.2f} {ci} | {tstat} | {pval(ht)} ({pval(t.p_t)}) "
+                f"| {pval(hw)} ({pval(t.p_wilcoxon)}) |"
+            )
     return lines
 
 
@@ -302,8 +341,10 @@ def plot_curve(rows: list[dict], metric: str, inits: list[str], path: Path, titl
         pts = series[init]
         if len(pts) > 1:
             band = Image.new("RGBA", (W, H), (0, 0, 0, 0))
-            ImageDraw.Draw(band).polygon([(X(n), Y(hi)) for n, _, _, hi in pts] + [(X(n), Y(lo)) for n, _, lo, _ in reversed(pts)],
-                                         fill=(*sweep.COLOURS[i % len(sweep.COLOURS)], 60))  # fmt: skip
+            ImageDraw.Draw(band).polygon(
+                [(X(n), Y(hi)) for n, _, _, hi in pts] + [(X(n), Y(lo)) for n, _, lo, _ in reversed(pts)],
+                fill=(*sweep.COLOURS[i % len(sweep.COLOURS)], 60),
+            )
             img = Image.alpha_composite(img, band)
     d = ImageDraw.Draw(img)
     decimals = max(0, -math.floor(math.log10(ticks[1] - ticks[0])))
@@ -373,8 +414,9 @@ class Tracker:
         with self.mlflow.start_run(run_name=cell.name, nested=True) as run:
             self.mlflow.log_params({k: row[k] for k in ("labelled", "n_labelled", "seed", "init", "steps", "epochs")})
             # MLflow names allow letters, digits and _-. :/ only: "dice:8 organs (paper)" -> "dice:8 organs paper"
-            self.mlflow.log_metrics({re.sub(r"[^\w\-. :/]", "", k): v for k, v in row.items()
-                                     if isinstance(v, float) and math.isfinite(v)})  # fmt: skip
+            self.mlflow.log_metrics(
+                {re.sub(r"[^\w\-. :/]", "", k): v for k, v in row.items() if isinstance(v, float) and math.isfinite(v)}
+            )
         marker.write_text(run.info.run_id)
 
     def finish(self) -> None:
@@ -401,8 +443,11 @@ def prepare_demo(entry, data_root: Path) -> Path:
         subprocess.run(
             [sys.executable, "tools/make_demo_data.py", entry.name, str(data_root), *make], cwd=REPO, check=True
         )
-        subprocess.run([sys.executable, "tools/prepare.py", *entry.demo_run.prepare_command(entry.name, data_root)],
-                       cwd=REPO, check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "tools/prepare.py", *entry.demo_run.prepare_command(entry.name, data_root)],
+            cwd=REPO,
+            check=True,
+        )
     return dataset
 
 
@@ -430,8 +475,16 @@ def timed_steps(runner: BundleRunner, stage: str, root: Path, settings: dict) ->
     return statistics.mean(epochs[1:]), max(0.0, wall - sum(epochs))
 
 
-def estimate(runner: BundleRunner, work: Path, pool: list[dict], batch: int, mae_list: dict, pretrain: dict | None,
-             datalist: dict, finetune_extra: dict) -> dict:  # fmt: skip
+def estimate(
+    runner: BundleRunner,
+    work: Path,
+    pool: list[dict],
+    batch: int,
+    mae_list: dict,
+    pretrain: dict | None,
+    datalist: dict,
+    finetune_extra: dict,
+) -> dict:
     """Time real steps, kept in ``estimate.json``: fine-tuning (and pre-training, if it is to run) for a few epochs
     of one full batch, and one evaluation of the evaluation cases."""
     out_file = work / "estimate.json"
@@ -537,17 +590,34 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
     lists.mkdir(exist_ok=True)
     mae_list = mae_datalist(datalist)
     write_json_atomic(lists / "mae_unlabelled.json", mae_list)
-    print(f"{bundle}: {len(pool)} labelled cases in the pool, {len(datalist['evaluation'])} evaluation cases, "
-          f"{len(mae_list['training'])} images for MAE; {len(cells)} cells ({len(counts)} counts x {len(seeds)} seeds "
-          f"x {len(inits)} inits), {steps} fine-tuning steps each (batch {batch}: "
-          + ", ".join(f"{n} cases {epochs[n]} epochs = {epochs[n] * per_epoch[n]} steps" for n in epochs) + ")", flush=True)  # fmt: skip
+    print(
+        f"{bundle}: {len(pool)} labelled cases in the pool, {len(datalist['evaluation'])} evaluation cases, "
+        f"{len(mae_list['training'])} images for MAE; {len(cells)} cells ({len(counts)} counts x {len(seeds)} seeds "
+        f"x {len(inits)} inits), {steps} fine-tuning steps each (batch {batch}: "
+        + ", ".join(f"{n} cases {epochs[n]} epochs = {epochs[n] * per_epoch[n]} steps" for n in epochs)
+        + ")",
+        flush=True,
+    )
 
     # what a finished cell's result depends on beyond its own (count, seed, init): a workdir reused with other settings
     # runs its cells again instead of mixing results
-    plan = json.loads(json.dumps({"bundle": bundle, "presets": presets, "set": a.set, "dataset_dir": dataset_dir,
-                                  "datalist": list_file.resolve(), "steps": steps, "warmup_fraction": a.warmup_fraction,
-                                  "probe": a.probe, "mae": a.mae_checkpoint or pretrain_epochs,
-                                  "imagenet": a.imagenet_checkpoint}, default=str))  # fmt: skip
+    plan = json.loads(
+        json.dumps(
+            {
+                "bundle": bundle,
+                "presets": presets,
+                "set": a.set,
+                "dataset_dir": dataset_dir,
+                "datalist": list_file.resolve(),
+                "steps": steps,
+                "warmup_fraction": a.warmup_fraction,
+                "probe": a.probe,
+                "mae": a.mae_checkpoint or pretrain_epochs,
+                "imagenet": a.imagenet_checkpoint,
+            },
+            default=str,
+        )
+    )
     done = {c.name for c in cells if finished(work / "cells" / c.name / "result.json", plan)}
     if (a.estimate_only or not a.no_estimate) and len(done) < len(cells):
         pre = None
@@ -560,23 +630,47 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
         total = sum(cell_seconds(est, epochs[c.n] * per_epoch[c.n]) for c in cells if c.name not in done)
         if pre is not None:
             total += est["pretrain_startup_s"] + pre["steps"] * est["pretrain_step_s"]
-        print(f"Estimate: {fmt_time(total)} for what is left ({len(cells) - len(done)} cells"
-              + (f", MAE pre-training of {pre['steps']} steps" if pre and pre["steps"] else
-                 ", MAE pre-training not counted: its length is derived from the data" if pre else "")
-              + f"): a fine-tuning step {est['finetune_step_s']:.2f} s, start-up {est['finetune_startup_s']:.0f} s, "
-              f"evaluation {est['evaluate_s']:.0f} s" + (f", an MAE step {est['pretrain_step_s']:.2f} s" if pre else "")
-              + f" (measured on full batches: {work / 'estimate.json'})", flush=True)  # fmt: skip
+        print(
+            f"Estimate: {fmt_time(total)} for what is left ({len(cells) - len(done)} cells"
+            + (
+                f", MAE pre-training of {pre['steps']} steps"
+                if pre and pre["steps"]
+                else ", MAE pre-training not counted: its length is derived from the data"
+                if pre
+                else ""
+            )
+            + f"): a fine-tuning step {est['finetune_step_s']:.2f} s, start-up {est['finetune_startup_s']:.0f} s, "
+            f"evaluation {est['evaluate_s']:.0f} s"
+            + (f", an MAE step {est['pretrain_step_s']:.2f} s" if pre else "")
+            + f" (measured on full batches: {work / 'estimate.json'})",
+            flush=True,
+        )
 
     if a.estimate_only:
         return work
     if "mae" in inits:
-        checkpoint = Path(a.mae_checkpoint).resolve() if a.mae_checkpoint else runner.pretrain(
-            work / "pretrain", lists / "mae_unlabelled.json", pretrain_epochs)  # fmt: skip
+        checkpoint = (
+            Path(a.mae_checkpoint).resolve()
+            if a.mae_checkpoint
+            else runner.pretrain(work / "pretrain", lists / "mae_unlabelled.json", pretrain_epochs)
+        )
     tracker = None
     if a.tracking == "mlflow":
-        tracker = Tracker(work, a.tracking_uri, a.experiment_name or f"label_efficiency_{bundle}",
-                          {"bundle": bundle, "labelled": a.labelled, "seeds": a.seeds, "inits": a.inits, "steps": steps,
-                           "probe": a.probe, "presets": ",".join(presets), "command": command[:480]})  # fmt: skip
+        tracker = Tracker(
+            work,
+            a.tracking_uri,
+            a.experiment_name or f"label_efficiency_{bundle}",
+            {
+                "bundle": bundle,
+                "labelled": a.labelled,
+                "seeds": a.seeds,
+                "inits": a.inits,
+                "steps": steps,
+                "probe": a.probe,
+                "presets": ",".join(presets),
+                "command": command[:480],
+            },
+        )
 
     results, start, spent = [], time.time(), []
     try:
@@ -594,8 +688,15 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
             if not few.is_file():  # nothing is selected on evaluation: it stays in the datalist for `evaluate` only
                 write_json_atomic(few, dict(datalist, training=subset(pool, cell.n, cell.seed), validation=[]))
             n_epochs = epochs[cell.n]
-            finetune = {"datalist_file": few, "seed": cell.seed, "init_mode": cell.init, "max_epochs": n_epochs,
-                        "warmup_epochs": round(a.warmup_fraction * n_epochs), "validation_mode": "none", **probe}  # fmt: skip
+            finetune = {
+                "datalist_file": few,
+                "seed": cell.seed,
+                "init_mode": cell.init,
+                "max_epochs": n_epochs,
+                "warmup_epochs": round(a.warmup_fraction * n_epochs),
+                "validation_mode": "none",
+                **probe,
+            }
             if cell.init == "mae":
                 finetune["pretrained_checkpoint"] = checkpoint
             elif cell.init == "imagenet":
@@ -606,15 +707,24 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
             )
             cell_dir.mkdir(parents=True, exist_ok=True)
             times = {key: summary[key] for key in ("finetune_s", "evaluate_s") if key in summary}
-            result = {"cell": cell.__dict__, "plan": plan, "steps": n_epochs * per_epoch[cell.n], "epochs": n_epochs,
-                      "summary": {k2: v for k2, v in summary.items() if not k2.endswith("_s")}, "times": times}  # fmt: skip
+            result = {
+                "cell": cell.__dict__,
+                "plan": plan,
+                "steps": n_epochs * per_epoch[cell.n],
+                "epochs": n_epochs,
+                "summary": {k2: v for k2, v in summary.items() if not k2.endswith("_s")},
+                "times": times,
+            }
             write_json_atomic(result_file, result)
             results.append((cell, result))
             spent.append(time.time() - t0)
             left = [c for c in cells[k + 1 :] if c.name not in done]
             mean = statistics.mean(spent)  # measured cells' time; the estimate's step model before the first
-            print(f"  {len(cells) - len(left)}/{len(cells)} cells, {fmt_time(time.time() - start)} this call, "
-                  f"about {fmt_time(mean * len(left))} left", flush=True)  # fmt: skip
+            print(
+                f"  {len(cells) - len(left)}/{len(cells)} cells, {fmt_time(time.time() - start)} this call, "
+                f"about {fmt_time(mean * len(left))} left",
+                flush=True,
+            )
             if tracker:
                 tracker.cell(cell, metric_rows([(cell, result)], bundle)[0], cell_dir)
     except BaseException:
@@ -631,13 +741,21 @@ def study(a: argparse.Namespace, command: str, runner_factory=BundleRunner) -> P
         "",
         f"{len(seeds)} seeds ({a.seeds}); labelled cases drawn from the {len(pool)} of training + validation, the same "
         f"for every init; {steps} fine-tuning steps at every count (batch {batch}; epochs "
-        + ", ".join(f"{n}: {epochs[n]}" for n in epochs) + "), last weights, no selection on held-out cases; evaluated "
+        + ", ".join(f"{n}: {epochs[n]}" for n in epochs)
+        + "), last weights, no selection on held-out cases; evaluated "
         f"on the {len(datalist['evaluation'])} evaluation cases. Presets: {', '.join(presets) or '-'}; --set: "
-        f"{' '.join(a.set) or '-'}. MAE: " + (f"{a.mae_checkpoint}" if a.mae_checkpoint else
-        f"pre-trained once on {len(mae_list['training'])} unlabelled images" if "mae" in inits else "-") + ".",
+        f"{' '.join(a.set) or '-'}. MAE: "
+        + (
+            f"{a.mae_checkpoint}"
+            if a.mae_checkpoint
+            else f"pre-trained once on {len(mae_list['training'])} unlabelled images"
+            if "mae" in inits
+            else "-"
+        )
+        + ".",
         "",
         f"Command: `{command}`",
-    ]  # fmt: skip
+    ]
     write_results(work, rows, metric, inits, header)
     if tracker:
         for cell, result in results:  # cells finished in an earlier call that had not been logged
@@ -691,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment_name", default=None)
     p.add_argument("--no_estimate", action="store_true", help="skip the timed steps before the study")
     p.add_argument("--estimate_only", action="store_true", help="time the steps, print the estimate and stop")
-    return p  # fmt: skip
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:

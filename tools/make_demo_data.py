@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {d.name:<6} {d.title}; also {', '.join(d.names[1:])}")
         return
     entry = registry.get(argv[0])
-    fire.Fire(entry.demo_module().make_demo, command=argv[1:], name=f"tools/make_demo_data.py {entry.name}",
-              serialize=lambda _: None)  # fmt: skip
+    fire.Fire(
+        entry.demo_module().make_demo,
+        command=argv[1:],
+        name=f"tools/make_demo_data.py {entry.name}",
+        serialize=lambda _: None,
+    )
 
 
 if __name__ == "__main__":

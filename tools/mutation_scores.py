@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         killed = sum(counts[s] for s in KILLED)
         scored = len(by_name) - counts["equivalent"] - counts["not checked"]
         score = f"{100 * killed / scored:.1f} %" if scored else "-"
-        print(f"| {module} | {len(by_name)} | {counts['equivalent']} | {killed} | {counts['survived']} "
-              f"| {counts['no tests']} | {counts['not checked']} | {score} |")  # fmt: skip
+        print(
+            f"| {module} | {len(by_name)} | {counts['equivalent']} | {killed} | {counts['survived']} "
+            f"| {counts['no tests']} | {counts['not checked']} | {score} |"
+        )
     if args.survivors:
         for module, by_name in results.items():
             left = sorted(n for n, s in by_name.items() if s in ("survived", "no tests") and n not in equivalent)

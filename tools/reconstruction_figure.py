@@ -180,8 +180,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("checkpoint", help="MAE pre-training checkpoint (models/mae_pretrain.pt)")
-    p.add_argument("--bundle", default="btcv_seg", help="a bundle folder under bundles/ or its dataset's name: "
-                   + ", ".join(f"{d.bundle} ({d.name})" for d in registry.DATASETS))  # fmt: skip
+    p.add_argument(
+        "--bundle",
+        default="btcv_seg",
+        help="a bundle folder under bundles/ or its dataset's name: "
+        + ", ".join(f"{d.bundle} ({d.name})" for d in registry.DATASETS),
+    )
     p.add_argument("--dataset_dir", required=True, help="the prepared dataset (with datalist.json)")
     p.add_argument("--cases", type=int, default=4, help="columns (cases) in the figure")
     p.add_argument("--mask_ratio", type=float, default=None, help="default: the config's (pre-training) mask ratio")
@@ -189,13 +193,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--preset", action="append", default=[], help="extra config of the bundle layered on pretrain.yaml (e.g. demo)"
     )
-    p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config ids as pre-trained, e.g. roi_size=[32,32,32] hidden_size=48")  # fmt: skip
+    p.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config ids as pre-trained, e.g. roi_size=[32,32,32] hidden_size=48",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     p.add_argument("--out", default="reconstruction.png", help="PNG to write")
     a = p.parse_args(argv)
-    make_figure(a.checkpoint, a.bundle, a.dataset_dir, a.out, a.cases, a.mask_ratio, a.split, a.preset,
-                parse_overrides(a.override), a.seed)  # fmt: skip
+    make_figure(
+        a.checkpoint,
+        a.bundle,
+        a.dataset_dir,
+        a.out,
+        a.cases,
+        a.mask_ratio,
+        a.split,
+        a.preset,
+        parse_overrides(a.override),
+        a.seed,
+    )
 
 
 if __name__ == "__main__":

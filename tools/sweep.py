@@ -85,8 +85,11 @@ def run_pipeline(root: Path, bundle: str, presets: list[str], stage_settings: di
     Skips the run when ``root`` holds an evaluation made by the same commands.
     """
     root.mkdir(parents=True, exist_ok=True)
-    commands = {s: bundle_command(bundle, s, presets, {"bundle_root": root, **stage_settings[s]})
-                for s in STAGES if s in stage_settings}  # fmt: skip
+    commands = {
+        s: bundle_command(bundle, s, presets, {"bundle_root": root, **stage_settings[s]})
+        for s in STAGES
+        if s in stage_settings
+    }
     plan_file, summary_file = root / "commands.json", root / "eval" / "summary.json"
     planned = json.dumps({s: c[1:] for s, c in commands.items()}, indent=1)
     if summary_file.is_file() and plan_file.is_file() and plan_file.read_text() == planned:
@@ -197,10 +200,14 @@ def plot(rows: list[dict], metric: str, path: Path, title: str) -> None:
     budgets = sorted({r["pretrain_epochs"] for r in rows})
     for i, epochs in enumerate(budgets):
         colour = COLOURS[i % len(COLOURS)]
-        pts = sorted((r["mask_ratio"], 100 * r[metric]) for r in rows
-                     if r["pretrain_epochs"] == epochs and math.isfinite(r[metric]))  # fmt: skip
-        draw_series(d, [(X(a), Y(b)) for a, b in pts], colour, f"{epochs} epochs", i, (W - right, top), small,
-                    legend_dot=True)  # fmt: skip
+        pts = sorted(
+            (r["mask_ratio"], 100 * r[metric])
+            for r in rows
+            if r["pretrain_epochs"] == epochs and math.isfinite(r[metric])
+        )
+        draw_series(
+            d, [(X(a), Y(b)) for a, b in pts], colour, f"{epochs} epochs", i, (W - right, top), small, legend_dot=True
+        )
     img.save(path)
 
 
@@ -221,8 +228,16 @@ def draw_series(
 
 
 # --------------------------------------------------------------------------------------- main
-def sweep(bundle: str, mask_ratios: list[float], pretrain_epochs: list[int], dataset_dir: str, out: str,
-          presets: list[str] | None = None, overrides: list[str] | None = None, metric: str | None = None) -> list[dict]:  # fmt: skip
+def sweep(
+    bundle: str,
+    mask_ratios: list[float],
+    pretrain_epochs: list[int],
+    dataset_dir: str,
+    out: str,
+    presets: list[str] | None = None,
+    overrides: list[str] | None = None,
+    metric: str | None = None,
+) -> list[dict]:
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     per_stage = parse_overrides(overrides or [])

@@ -21,10 +21,21 @@ from .common import DatasetError, progress
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 
 BTCV_LABELS = {
-    0: "background", 1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus",
-    6: "liver", 7: "stomach", 8: "aorta", 9: "inferior vena cava", 10: "portal and splenic veins",
-    11: "pancreas", 12: "right adrenal gland", 13: "left adrenal gland",
-}  # fmt: skip
+    0: "background",
+    1: "spleen",
+    2: "right kidney",
+    3: "left kidney",
+    4: "gallbladder",
+    5: "esophagus",
+    6: "liver",
+    7: "stomach",
+    8: "aorta",
+    9: "inferior vena cava",
+    10: "portal and splenic veins",
+    11: "pancreas",
+    12: "right adrenal gland",
+    13: "left adrenal gland",
+}
 # the 8 organs the paper reports: aorta, gallbladder, left kidney, right kidney, liver, pancreas, spleen, stomach
 PAPER_ORGANS = (8, 4, 3, 2, 6, 11, 1, 7)
 # TransUNet split (the paper's); MAE pre-trains on the training cases only

@@ -86,8 +86,9 @@ def cached_dataset(
         ValueError: an unknown ``cache``, or ``disk`` without ``cache_dir``.
     """
     if cache == "ram":
-        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers, copy_cache=copy_cache,
-                            progress=progress)  # fmt: skip
+        return CacheDataset(
+            data, transform, cache_rate=cache_rate, num_workers=num_workers, copy_cache=copy_cache, progress=progress
+        )
     if cache == "disk":
         if not cache_dir:
             raise ValueError("cache: disk needs a cache_dir (a folder every rank and node can reach).")
@@ -154,8 +155,9 @@ def transform_fingerprint(transform: Callable) -> str:
     from .. import __version__
 
     described = [_canonical(t, set()) for t in _deterministic_part(transform)]
-    text = json.dumps({"format": FORMAT, "monai": monai.__version__, "ours": __version__, "transforms": described},
-                      sort_keys=True)  # fmt: skip
+    text = json.dumps(
+        {"format": FORMAT, "monai": monai.__version__, "ours": __version__, "transforms": described}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -215,8 +217,12 @@ def _encode(key: str, stem: str, value: Any, folder: Path, files: dict[str, int]
             raise CacheFormatError(f"'{key}' is an array of Python objects")
         return {"kind": "array", **stored(value)}
     if isinstance(value, PackedIndices):
-        return {"kind": "packed_indices", "bits": save(value.bits, ".bits"), "ends": save(value.ends, ".ends"),
-                "size": value.size}  # fmt: skip
+        return {
+            "kind": "packed_indices",
+            "bits": save(value.bits, ".bits"),
+            "ends": save(value.ends, ".ends"),
+            "size": value.size,
+        }
     if isinstance(value, np.generic):
         value = value.item()
     try:
@@ -340,8 +346,15 @@ class DiskCacheDataset(PersistentDataset):
                                    "/shared/cache", num_workers=8)
     """
 
-    def __init__(self, data: Sequence, transform: Callable, cache_dir: str | os.PathLike, num_workers: int | None = 1,
-                 progress: bool = True, fill: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        data: Sequence,
+        transform: Callable,
+        cache_dir: str | os.PathLike,
+        num_workers: int | None = 1,
+        progress: bool = True,
+        fill: bool = True,
+    ) -> None:
         super().__init__(data, transform, cache_dir)
         self.transform_hash = transform_fingerprint(self.transform)
         self.num_workers = max(1, int(num_workers or 1))

@@ -48,30 +48,84 @@ except ImportError:  # pydicom 2, as MONAI Label 0.8.5 pins it: every exported b
     # server converts DICOM series itself); reading series here needs pydicom 3 (read_instance says so)
     apply_modality_lut = _pydicom_pixels = None
 
-__all__ = ["Instance", "Series", "DicomError", "NotDicomError", "PHI_KEYWORDS", "VOLUME_SOP_CLASSES", "phi_values", "has_dicom_marker",
-           "read_instance", "scan_files", "group_series", "series_folder", "volume_problem", "load_volume"]  # fmt: skip
+__all__ = [
+    "Instance",
+    "Series",
+    "DicomError",
+    "NotDicomError",
+    "PHI_KEYWORDS",
+    "VOLUME_SOP_CLASSES",
+    "phi_values",
+    "has_dicom_marker",
+    "read_instance",
+    "scan_files",
+    "group_series",
+    "series_folder",
+    "volume_problem",
+    "load_volume",
+]
 
 # Attributes that identify a patient (a subset of DICOM PS3.15's Basic Application Level Confidentiality Profile:
 # names, identifiers, dates and times, places, people). UIDs identify too; outputs use Series.key instead.
 PHI_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
-    "PatientBirthDate", "PatientBirthTime", "PatientAge", "PatientAddress", "PatientTelephoneNumbers",
-    "PatientMotherBirthName", "MilitaryRank", "MedicalRecordLocator", "StudyDate", "SeriesDate", "AcquisitionDate",
-    "ContentDate", "AcquisitionDateTime", "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
-    "AccessionNumber", "StudyID", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "RequestingPhysician",
-    "OperatorsName", "StationName", "DeviceSerialNumber", "RequestedProcedureID", "ScheduledProcedureStepID",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientAge",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "MilitaryRank",
+    "MedicalRecordLocator",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "AcquisitionDateTime",
+    "StudyTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "AccessionNumber",
+    "StudyID",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "OperatorsName",
+    "StationName",
+    "DeviceSerialNumber",
+    "RequestedProcedureID",
+    "ScheduledProcedureStepID",
     "PerformedProcedureStepID",
-)  # fmt: skip
+)
 
 # SOP classes of cross-sectional images; the enhanced (multi-frame) ones are recognised, then refused as such
-VOLUME_SOP_CLASSES = frozenset({
-    _uid.CTImageStorage, _uid.EnhancedCTImageStorage, _uid.LegacyConvertedEnhancedCTImageStorage,
-    _uid.MRImageStorage, _uid.EnhancedMRImageStorage, _uid.LegacyConvertedEnhancedMRImageStorage,
-    _uid.PositronEmissionTomographyImageStorage, _uid.EnhancedPETImageStorage,
-    _uid.LegacyConvertedEnhancedPETImageStorage, _uid.NuclearMedicineImageStorage,
-})  # fmt: skip
+VOLUME_SOP_CLASSES = frozenset(
+    {
+        _uid.CTImageStorage,
+        _uid.EnhancedCTImageStorage,
+        _uid.LegacyConvertedEnhancedCTImageStorage,
+        _uid.MRImageStorage,
+        _uid.EnhancedMRImageStorage,
+        _uid.LegacyConvertedEnhancedMRImageStorage,
+        _uid.PositronEmissionTomographyImageStorage,
+        _uid.EnhancedPETImageStorage,
+        _uid.LegacyConvertedEnhancedPETImageStorage,
+        _uid.NuclearMedicineImageStorage,
+    }
+)
 
 MIN_SLICES = 3
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines closer than this are one orientation

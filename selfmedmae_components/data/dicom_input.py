@@ -74,8 +74,10 @@ class DicomSeriesReader(ImageReader):
             return usable[0]
         if usable:
             keys = ", ".join(s.key for s in usable)
-            raise ValueError(f"{folder} holds {len(usable)} image series ({keys}): give one folder per series "
-                             f"(or convert the tree with tools/prepare.py scans)")  # fmt: skip
+            raise ValueError(
+                f"{folder} holds {len(usable)} image series ({keys}): give one folder per series "
+                f"(or convert the tree with tools/prepare.py scans)"
+            )
         why = "; ".join(f"{k}: {p}" for k, p in problems.items()) or "no DICOM series"
         raise ValueError(f"{folder} holds no DICOM series that is one volume ({why})")
 

@@ -42,8 +42,18 @@ from ..io import write_json_atomic
 from .common import DatasetError, progress, seeded_split, split_record
 from .nifti_checks import grid_mismatch, label_values_problem, missing, open_nifti
 
-__all__ = ["prepare_datalist", "dataset_properties", "derive_properties", "read_dataset_json", "median_spacing",
-           "fitting_roi", "foreground_window", "foreground_sample", "ras_spacing", "ras_shape"]  # fmt: skip
+__all__ = [
+    "prepare_datalist",
+    "dataset_properties",
+    "derive_properties",
+    "read_dataset_json",
+    "median_spacing",
+    "fitting_roi",
+    "foreground_window",
+    "foreground_sample",
+    "ras_spacing",
+    "ras_shape",
+]
 
 LAYOUT = (
     'Expected the Medical Segmentation Decathlon layout: <dataset_dir>/dataset.json (with "modality", "labels", '
@@ -168,8 +178,14 @@ def derive_properties(
     from ..optim import default_pretrain_steps
 
     all_ct = all(m.strip().upper() == "CT" for m in modality.values())
-    given = {"normalization": normalization is not None, "window": hu_window is not None, "pixdim": pixdim is not None,
-             "roi_size": roi_size is not None, "cache": cache is not None, "steps": pretrain_steps is not None}  # fmt: skip
+    given = {
+        "normalization": normalization is not None,
+        "window": hu_window is not None,
+        "pixdim": pixdim is not None,
+        "roi_size": roi_size is not None,
+        "cache": cache is not None,
+        "steps": pretrain_steps is not None,
+    }
     normalization = normalization or ("window" if all_ct else "zscore")
     if normalization not in ("window", "zscore"):
         raise DatasetError(f"normalization must be 'window' or 'zscore', got {normalization!r}.")
@@ -197,22 +213,29 @@ def derive_properties(
         "cache": cache,
         "pretrain_steps": steps,
         "derived": {  # how each default was found ("given": passed to the prepare function)
-            "normalization": "given" if given["normalization"] else
-            "modality: window if every channel is CT, else z-score per channel on non-zero voxels",
-            "window": None if window is None else "given" if given["window"] else
-            f"percentiles {list(WINDOW_PERCENTILES)} of {window_source} (at most {SAMPLES_PER_CASE} voxels per case, "
+            "normalization": "given"
+            if given["normalization"]
+            else "modality: window if every channel is CT, else z-score per channel on non-zero voxels",
+            "window": None
+            if window is None
+            else "given"
+            if given["window"]
+            else f"percentiles {list(WINDOW_PERCENTILES)} of {window_source} (at most {SAMPLES_PER_CASE} voxels per case, "
             f"seed {seed})",
             "pixdim": "given" if given["pixdim"] else f"median voxel size of {geometry_source} (RAS order)",
-            "roi_size": "given" if given["roi_size"] else
-            f"largest multiple of {ROI_STEP} (at most {ROI_MAX}) fitting the median of {geometry_source} at pixdim",
-            "cache": "given" if given["cache"] else
-            f"disk above {CACHE_DISK_ABOVE_GB:g} GB of preprocessed images (estimated {cache_gb:.2f} GB, float16 at "
+            "roi_size": "given"
+            if given["roi_size"]
+            else f"largest multiple of {ROI_STEP} (at most {ROI_MAX}) fitting the median of {geometry_source} at pixdim",
+            "cache": "given"
+            if given["cache"]
+            else f"disk above {CACHE_DISK_ABOVE_GB:g} GB of preprocessed images (estimated {cache_gb:.2f} GB, float16 at "
             f"pixdim, {num_pretrain_images} images)",
-            "pretrain_steps": "given" if given["steps"] else
-            f"optim.default_pretrain_steps({num_pretrain_images}): the paper's ~30,000 steps, or 100 passes over the "
+            "pretrain_steps": "given"
+            if given["steps"]
+            else f"optim.default_pretrain_steps({num_pretrain_images}): the paper's ~30,000 steps, or 100 passes over the "
             f"images where more",
         },
-    }  # fmt: skip
+    }
 
 
 def foreground_sample(image: nib.Nifti1Image, label: nib.Nifti1Image, rng: np.random.Generator) -> np.ndarray:
@@ -297,8 +320,14 @@ def prepare_datalist(
     if check_files or needs_window:
         cases = progress(cases, len(cases), f"Reading the {len(cases)} cases of {root} (--check_files False: less)")
     for image, label, train in cases:
-        img, lab = _check_case(root / image, None if label is None else root / label, channels, num_classes - 1,
-                               problems, check_files or (train and needs_window))  # fmt: skip
+        img, lab = _check_case(
+            root / image,
+            None if label is None else root / label,
+            channels,
+            num_classes - 1,
+            problems,
+            check_files or (train and needs_window),
+        )
         if img is not None and train:
             spacing = ras_spacing(img)
             spacings.append(spacing)
@@ -311,10 +340,20 @@ def prepare_datalist(
     if not spacings:
         raise DatasetError(f"{root / 'dataset.json'}: no readable training case to derive spacing and ROI from.")
     properties = derive_properties(
-        meta["modality"], meta["labels"], spacings, sizes_mm, samples, num_pretrain_images=n + len(tests),
-        normalization=normalization if normalization_given else None, hu_window=hu_window, pixdim=pixdim,
-        roi_size=roi_size, seed=seed, cache=cache, pretrain_steps=pretrain_steps,
-    )  # fmt: skip
+        meta["modality"],
+        meta["labels"],
+        spacings,
+        sizes_mm,
+        samples,
+        num_pretrain_images=n + len(tests),
+        normalization=normalization if normalization_given else None,
+        hu_window=hu_window,
+        pixdim=pixdim,
+        roi_size=roi_size,
+        seed=seed,
+        cache=cache,
+        pretrain_steps=pretrain_steps,
+    )
     pixdim, roi = properties["pixdim"], properties["roi_size"]
     window = None if properties["hu_min"] is None else [properties["hu_min"], properties["hu_max"]]
     datalist = {

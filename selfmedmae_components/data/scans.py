@@ -55,8 +55,20 @@ from .msd import derive_properties, foreground_sample, ras_shape, ras_spacing
 
 __all__ = ["prepare_datalist", "MANIFEST_COLUMNS", "file_key"]
 
-MANIFEST_COLUMNS = ("key", "source", "kind", "files", "modality", "shape", "spacing_mm", "orientation", "status",
-                    "role", "reason", "label")  # fmt: skip
+MANIFEST_COLUMNS = (
+    "key",
+    "source",
+    "kind",
+    "files",
+    "modality",
+    "shape",
+    "spacing_mm",
+    "orientation",
+    "status",
+    "role",
+    "reason",
+    "label",
+)
 VOLUME_MODALITIES = ("CT", "MR", "PT", "NM")
 LABEL_SUFFIXES = ("_label", "-label", "_labels", "_seg", "-seg", "_mask", "-mask", "_segmentation", "-segmentation")
 MIN_SLICES = 8  # fewer slices than this: not a volume to pre-train on (a scout, a single image, a key image)
@@ -102,8 +114,18 @@ def folder_sources(root: Path, workers: int) -> tuple[list[Source], list[dict]]:
         rel = os.path.relpath(f, root)
         suffix = volumes.volume_suffix(f)
         if suffix:
-            sources.append(Source(file_key(rel), _kind(suffix), rel, 1, "", _fingerprint([f]), f,
-                                  (volumes.stem(rel), Path(volumes.stem(rel)).name)))  # fmt: skip
+            sources.append(
+                Source(
+                    file_key(rel),
+                    _kind(suffix),
+                    rel,
+                    1,
+                    "",
+                    _fingerprint([f]),
+                    f,
+                    (volumes.stem(rel), Path(volumes.stem(rel)).name),
+                )
+            )
         elif f.lower().endswith(volumes.DATA_SUFFIXES) and re.sub(r"\.(z?raw)(\.gz)?$", "", f, flags=re.I) in detached:
             rows.append(
                 _row(file_key(rel), rel, "file", 1, "skipped", "the data file of a detached header (.mhd, .nhdr)")
@@ -111,8 +133,10 @@ def folder_sources(root: Path, workers: int) -> tuple[list[Source], list[dict]]:
         else:
             other.append(f)
     series, unusable = dicom.scan_files(other, workers=workers)
-    rows += [_row(file_key(os.path.relpath(p, root)), os.path.relpath(p, root), "file", 1, "skipped", why)
-             for p, why in unusable]  # fmt: skip
+    rows += [
+        _row(file_key(os.path.relpath(p, root)), os.path.relpath(p, root), "file", 1, "skipped", why)
+        for p, why in unusable
+    ]
     folders = [dicom.series_folder(s) for s in series]
     for s, folder in zip(series, folders):
         rel = os.path.relpath(folder, root)
@@ -120,8 +144,9 @@ def folder_sources(root: Path, workers: int) -> tuple[list[Source], list[dict]]:
         alone = sum(f == folder or f.startswith(folder + os.sep) for f in folders) == 1
         names = (rel, Path(rel).name) if alone and rel != "." else ()
         paths = [i.source for i in s.instances]
-        sources.append(Source(s.key, "dicom", rel + "/", len(paths), s.modality, _fingerprint(paths), s,
-                              names + (s.uid,)))  # fmt: skip
+        sources.append(
+            Source(s.key, "dicom", rel + "/", len(paths), s.modality, _fingerprint(paths), s, names + (s.uid,))
+        )
     return sources, rows
 
 
@@ -138,9 +163,19 @@ def remote_sources(url: str, query: Any) -> tuple[list[Source], Any]:
     client = dicomweb.connect(url)
     found = dicomweb.list_series(client, query)
     where = dicomweb.public_url(url)
-    sources = [Source(dicomweb.series_key(r.series_uid), "dicomweb", f"{where} series {dicomweb.series_key(r.series_uid)}",
-                      r.num_instances or 0, r.modality, f"{r.series_uid}:{r.num_instances}", (url, r),
-                      (r.series_uid,)) for r in found]  # fmt: skip
+    sources = [
+        Source(
+            dicomweb.series_key(r.series_uid),
+            "dicomweb",
+            f"{where} series {dicomweb.series_key(r.series_uid)}",
+            r.num_instances or 0,
+            r.modality,
+            f"{r.series_uid}:{r.num_instances}",
+            (url, r),
+            (r.series_uid,),
+        )
+        for r in found
+    ]
     return sources, client
 
 
@@ -185,8 +220,10 @@ def _load(source: Source, min_slices: int) -> tuple[np.ndarray, np.ndarray]:
     data, affine = volumes.read_volume(source.payload)
     data = np.squeeze(data, axis=3) if data.ndim == 4 and data.shape[3] == 1 else data
     if data.ndim == 4:
-        raise ValueError(f"a 4-D image ({data.shape[3]} channels or time points): scans takes 3-D volumes "
-                         f"(multi-channel data: tools/prepare.py msd)")  # fmt: skip
+        raise ValueError(
+            f"a 4-D image ({data.shape[3]} channels or time points): scans takes 3-D volumes "
+            f"(multi-channel data: tools/prepare.py msd)"
+        )
     if data.ndim != 3 or min(data.shape) < min_slices:
         raise ValueError(f"not a volume: shape {tuple(data.shape)} (at least {min_slices} voxels on every axis)")
     if data.dtype == np.float64 or data.dtype.kind not in "iuf":
@@ -211,14 +248,26 @@ def convert(source: Source, out: str, min_slices: int) -> dict:
     image = f"images/{source.key}.nii.gz"
     volumes.write_nifti(data, affine, Path(out) / image)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    row.update(status="used", image=image, shape="x".join(map(str, data.shape)),
-               spacing_mm="x".join(f"{z:.3g}" for z in zooms), orientation=volumes.axcodes(affine))  # fmt: skip
+    row.update(
+        status="used",
+        image=image,
+        shape="x".join(map(str, data.shape)),
+        spacing_mm="x".join(f"{z:.3g}" for z in zooms),
+        orientation=volumes.axcodes(affine),
+    )
     return row
 
 
 def _row(key, source, kind, files, status, reason, modality="") -> dict:
-    return {"key": key, "source": source, "kind": kind, "files": files, "modality": modality, "status": status,
-            "reason": reason}  # fmt: skip
+    return {
+        "key": key,
+        "source": source,
+        "kind": kind,
+        "files": files,
+        "modality": modality,
+        "status": status,
+        "reason": reason,
+    }
 
 
 def _convert_packed(args: tuple) -> dict:
@@ -377,8 +426,10 @@ def _choose_modality(sources: list[Source], given: str | None) -> str:
     counts = Counter(s.modality.upper() for s in sources if s.modality.upper() in VOLUME_MODALITIES)
     if not counts:
         if any(s.kind not in ("dicom", "dicomweb") for s in sources):
-            raise DatasetError("the source has volume files but no DICOM series to take the modality from: give "
-                               "--modality CT or --modality MR (CT gets a HU window, MR a z-score).")  # fmt: skip
+            raise DatasetError(
+                "the source has volume files but no DICOM series to take the modality from: give "
+                "--modality CT or --modality MR (CT gets a HU window, MR a z-score)."
+            )
         raise DatasetError("found no CT, MR, PET or NM series in the source (see the manifest for what was found).")
     return max(counts, key=lambda m: (counts[m], m == "CT"))
 
@@ -392,8 +443,10 @@ def _not_taken(source: Source, chosen: str, given: str | None) -> str:
             return problem
     if source.kind == "dicomweb" and source.modality.upper() not in VOLUME_MODALITIES:
         return f"not a cross-sectional image: modality {source.modality} in the PACS's listing (not retrieved)"
-    return (f"modality {source.modality}; this dataset takes {chosen} "
-            f"({'--modality' if given else 'the most common; --modality to choose'})")  # fmt: skip
+    return (
+        f"modality {source.modality}; this dataset takes {chosen} "
+        f"({'--modality' if given else 'the most common; --modality to choose'})"
+    )
 
 
 def _window_samples(cases: list[dict], out: Path, labelled: bool, seed: int) -> tuple[list[np.ndarray], str]:
@@ -417,8 +470,10 @@ def _split(labelled: list[dict], eval_fraction: float, num_val_cases: int | None
     n_eval = int(round(n * eval_fraction))
     n_val = max(1, int(round(0.1 * (n - n_eval)))) if num_val_cases is None else int(num_val_cases)
     if not 0 <= n_val < n - n_eval:
-        raise DatasetError(f"{n} labelled cases: too few for {n_eval} evaluation and {n_val} validation cases with "
-                           f"at least one left for training (--eval_fraction, --num_val_cases).")  # fmt: skip
+        raise DatasetError(
+            f"{n} labelled cases: too few for {n_eval} evaluation and {n_val} validation cases with "
+            f"at least one left for training (--eval_fraction, --num_val_cases)."
+        )
     return seeded_split(n, n_eval, n_val, seed)
 
 
@@ -498,8 +553,11 @@ def prepare_datalist(
     for s in sources:
         s.modality = s.modality or chosen
     wanted = [s for s in sources if s.modality.upper() == chosen]
-    other = [_row(s.key, s.where, s.kind, s.files, "skipped", _not_taken(s, chosen, modality), s.modality)
-             for s in sources if s.modality.upper() != chosen]  # fmt: skip
+    other = [
+        _row(s.key, s.where, s.kind, s.files, "skipped", _not_taken(s, chosen, modality), s.modality)
+        for s in sources
+        if s.modality.upper() != chosen
+    ]
     rows = convert_all(wanted, out, workers, int(min_slices))
     for r in rows:
         r["modality"] = r["modality"] or chosen
@@ -509,9 +567,24 @@ def prepare_datalist(
     if not used:
         write_manifest(rows + other + extra_rows + label_rows + refused, out / "manifest.csv")
         raise DatasetError(f"no usable {chosen} volume in {where}: see {out / 'manifest.csv'} for each file's reason.")
-    datalist = _datalist(used, classes, chosen, out, seed, eval_fraction, num_val_cases, where,
-                         dict(normalization=normalization, hu_window=hu_window, pixdim=pixdim, roi_size=roi_size,
-                              cache=cache, pretrain_steps=pretrain_steps))  # fmt: skip
+    datalist = _datalist(
+        used,
+        classes,
+        chosen,
+        out,
+        seed,
+        eval_fraction,
+        num_val_cases,
+        where,
+        dict(
+            normalization=normalization,
+            hu_window=hu_window,
+            pixdim=pixdim,
+            roi_size=roi_size,
+            cache=cache,
+            pretrain_steps=pretrain_steps,
+        ),
+    )
     write_manifest(rows + other + extra_rows + label_rows + refused, out / "manifest.csv")
     _summary(datalist, rows + other + extra_rows, label_rows + refused, out)
     return datalist
@@ -535,20 +608,35 @@ def _datalist(used, classes, modality, out, seed, eval_fraction, num_val_cases, 
         cases = [labelled[i] for i in training] if training else unlabelled
         samples, window_source = _window_samples(cases, out, bool(training), seed)
     properties = derive_properties(
-        {0: modality}, classes, spacings, sizes_mm, samples, num_pretrain_images=len(used) - len(evaluation),
-        seed=seed, geometry_source="every image used", window_source=window_source, **given,
-    )  # fmt: skip
+        {0: modality},
+        classes,
+        spacings,
+        sizes_mm,
+        samples,
+        num_pretrain_images=len(used) - len(evaluation),
+        seed=seed,
+        geometry_source="every image used",
+        window_source=window_source,
+        **given,
+    )
     properties["pretrain_lists"] = ["training", "validation", "unlabelled"]
     pair = lambda r: {"image": r["image"], "label": r["label_file"]}  # noqa: E731
     datalist = {
-        "name": "scans", "description": f"prepared by tools/prepare.py scans from {where}",
-        "labels": properties["labels"], "modality": properties["modality"], "properties": properties,
-        "split": {**split_record(seed, eval_fraction, len(validation)),
-                  "method": "as tools/prepare.py msd, over the labelled cases sorted by key"},
-        "training": [pair(labelled[i]) for i in training], "validation": [pair(labelled[i]) for i in validation],
-        "evaluation": [pair(labelled[i]) for i in evaluation], "test": [],
+        "name": "scans",
+        "description": f"prepared by tools/prepare.py scans from {where}",
+        "labels": properties["labels"],
+        "modality": properties["modality"],
+        "properties": properties,
+        "split": {
+            **split_record(seed, eval_fraction, len(validation)),
+            "method": "as tools/prepare.py msd, over the labelled cases sorted by key",
+        },
+        "training": [pair(labelled[i]) for i in training],
+        "validation": [pair(labelled[i]) for i in validation],
+        "evaluation": [pair(labelled[i]) for i in evaluation],
+        "test": [],
         "unlabelled": [{"image": r["image"]} for r in unlabelled],
-    }  # fmt: skip
+    }
     write_json_atomic(datalist, out / "datalist.json")
     return datalist
 

@@ -20,8 +20,17 @@ import numpy as np
 
 from ..io import _FILE_MODE
 
-__all__ = ["VOLUME_SUFFIXES", "DATA_SUFFIXES", "volume_suffix", "stem", "read_volume", "read_segments",
-           "resample_label", "write_nifti", "axcodes"]  # fmt: skip
+__all__ = [
+    "VOLUME_SUFFIXES",
+    "DATA_SUFFIXES",
+    "volume_suffix",
+    "stem",
+    "read_volume",
+    "read_segments",
+    "resample_label",
+    "write_nifti",
+    "axcodes",
+]
 
 VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DATA_SUFFIXES = (".raw", ".zraw", ".raw.gz")  # the data files of detached headers (.mhd, .nhdr)
@@ -134,8 +143,9 @@ def resample_label(
     # one voxel of background around the label: scipy treats a point a rounding error past the last voxel as
     # outside (cval) even with order 0, which would drop the edge of a label cropped to its extent
     padded = np.pad(label, 1)
-    return affine_transform(padded, to_label[:3, :3], to_label[:3, 3] + 1, output_shape=tuple(shape), order=0,
-                            mode="constant", cval=0)  # fmt: skip
+    return affine_transform(
+        padded, to_label[:3, :3], to_label[:3, 3] + 1, output_shape=tuple(shape), order=0, mode="constant", cval=0
+    )
 
 
 def axcodes(affine: np.ndarray) -> str:

@@ -46,9 +46,17 @@ class ViTClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = ViTEncoder(
-            in_channels, img_size, patch_size, spatial_dims, hidden_size, num_layers, num_heads, mlp_ratio,
-            drop_path_rate=drop_path_rate, learnable_pos_embed=True,
-        )  # fmt: skip
+            in_channels,
+            img_size,
+            patch_size,
+            spatial_dims,
+            hidden_size,
+            num_layers,
+            num_heads,
+            mlp_ratio,
+            drop_path_rate=drop_path_rate,
+            learnable_pos_embed=True,
+        )
         self.head = nn.Linear(hidden_size, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning recipe: a near-zero head
         nn.init.zeros_(self.head.bias)

@@ -59,9 +59,16 @@ class MaskedAutoencoder(nn.Module):
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
         self.encoder = ViTEncoder(
-            in_channels, img_size, patch_size, spatial_dims, hidden_size, num_layers, num_heads, mlp_ratio,
+            in_channels,
+            img_size,
+            patch_size,
+            spatial_dims,
+            hidden_size,
+            num_layers,
+            num_heads,
+            mlp_ratio,
             learnable_pos_embed=False,
-        )  # fmt: skip
+        )
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.patch_size = self.encoder.patch_size

@@ -67,9 +67,17 @@ class UNETR(nn.Module):
             )
         self.skip_hidden_states = tuple(skip_hidden_states)
         self.encoder = ViTEncoder(
-            in_channels, img_size, self.patch_size, spatial_dims, hidden_size, num_layers, num_heads, mlp_ratio,
-            drop_path_rate=drop_path_rate, learnable_pos_embed=True,
-        )  # fmt: skip
+            in_channels,
+            img_size,
+            self.patch_size,
+            spatial_dims,
+            hidden_size,
+            num_layers,
+            num_heads,
+            mlp_ratio,
+            drop_path_rate=drop_path_rate,
+            learnable_pos_embed=True,
+        )
         self.grid_size = self.encoder.grid_size
         f, h, sd = feature_size, hidden_size, spatial_dims
         common = dict(spatial_dims=sd, kernel_size=3, norm_name=norm_name, res_block=res_block)

@@ -43,8 +43,9 @@ class SelfAttention(SABlock):
             return super().forward(x, attn_mask)
         q, k, v = self.input_rearrange(self.qkv(x))
         with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=self.scale,
-                                                 dropout_p=self.dropout_rate if self.training else 0.0)  # fmt: skip
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), scale=self.scale, dropout_p=self.dropout_rate if self.training else 0.0
+            )
         return self.drop_output(self.out_proj(self.out_rearrange(out)))
 
 
@@ -133,8 +134,14 @@ class ViTEncoder(nn.Module):
     EMBEDDING = ("patch_embed", "cls_token", "pos_embed")
     # our names -> timm's VisionTransformer names, outside the blocks and inside a block (before .weight/.bias)
     TIMM_NAMES = {"patch_embed": "patch_embed.proj", "cls_token": "cls_token", "pos_embed": "pos_embed", "norm": "norm"}
-    TIMM_BLOCK_NAMES = {"norm1": "norm1", "attn.qkv": "attn.qkv", "attn.out_proj": "attn.proj", "norm2": "norm2",
-                        "mlp.linear1": "mlp.fc1", "mlp.linear2": "mlp.fc2"}  # fmt: skip
+    TIMM_BLOCK_NAMES = {
+        "norm1": "norm1",
+        "attn.qkv": "attn.qkv",
+        "attn.out_proj": "attn.proj",
+        "norm2": "norm2",
+        "mlp.linear1": "mlp.fc1",
+        "mlp.linear2": "mlp.fc2",
+    }
 
     def __init__(
         self,

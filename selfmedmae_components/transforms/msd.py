@@ -16,8 +16,9 @@ __all__ = ["NORMALIZATIONS", "intensity", "nonzero"]
 NORMALIZATIONS = ("window", "zscore")
 
 
-def intensity(normalization: str, hu_min: float | None = None, hu_max: float | None = None,
-              keys: str | Sequence[str] = "image") -> MapTransform:  # fmt: skip
+def intensity(
+    normalization: str, hu_min: float | None = None, hu_max: float | None = None, keys: str | Sequence[str] = "image"
+) -> MapTransform:
     """The image's intensity transform.
 
     Args:
@@ -31,8 +32,10 @@ def intensity(normalization: str, hu_min: float | None = None, hu_max: float | N
     """
     if normalization == "window":
         if hu_min is None or hu_max is None or float(hu_max) <= float(hu_min):
-            raise ValueError(f"normalization 'window' needs hu_min < hu_max, got hu_min={hu_min}, hu_max={hu_max} "
-                             f"(set --hu_min and --hu_max, or prepare the dataset with --hu_window).")  # fmt: skip
+            raise ValueError(
+                f"normalization 'window' needs hu_min < hu_max, got hu_min={hu_min}, hu_max={hu_max} "
+                f"(set --hu_min and --hu_max, or prepare the dataset with --hu_window)."
+            )
         return ScaleIntensityRanged(keys, float(hu_min), float(hu_max), 0.0, 1.0, clip=True)
     if normalization == "zscore":
         return NormalizeIntensityd(keys, nonzero=True, channel_wise=True)

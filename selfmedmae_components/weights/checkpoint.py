@@ -60,13 +60,18 @@ def load_weights(network: torch.nn.Module, path: str | Path, shown: int = 3) -> 
     every tensor. Returns ``network``."""
     state = load_state_dict(path)
     expected = network.state_dict()
-    shapes = [f"{k} {_shape(state[k])} in the file, {_shape(v)} in the network"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]  # fmt: skip
+    shapes = [
+        f"{k} {_shape(state[k])} in the file, {_shape(v)} in the network"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    misfits = [f"{len(found)} {what} ({'; '.join(found[:shown])}{', ...' if len(found) > shown else ''})"
-               for what, found in (("of another shape", shapes), ("missing", missing), ("unexpected", unexpected))
-               if found]  # fmt: skip
+    misfits = [
+        f"{len(found)} {what} ({'; '.join(found[:shown])}{', ...' if len(found) > shown else ''})"
+        for what, found in (("of another shape", shapes), ("missing", missing), ("unexpected", unexpected))
+        if found
+    ]
     if misfits:
         raise CheckpointError(
             f"{path} does not fit the network this config builds: tensors {', '.join(misfits)}. Build the network the "

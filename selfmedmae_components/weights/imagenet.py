@@ -218,8 +218,11 @@ def load_imagenet_vit(network: nn.Module, checkpoint: str | Path, prefix: str = 
     for key, src in plan.items():
         if key not in new:
             new[key] = source[src].reshape(target[key].shape) if key == cls_key else source[src]
-    mismatched = [f"{key}: {tuple(new[key].shape)} vs model {tuple(target[key].shape)}"
-                  for key in plan if new[key].shape != target[key].shape]  # fmt: skip
+    mismatched = [
+        f"{key}: {tuple(new[key].shape)} vs model {tuple(target[key].shape)}"
+        for key in plan
+        if new[key].shape != target[key].shape
+    ]
     if mismatched:
         raise CheckpointError(f"{checkpoint} does not fit the encoder after conversion: {mismatched}")
     encoder.load_state_dict({k: v.to(target[k].dtype) for k, v in new.items()}, strict=True)

@@ -23,11 +23,21 @@ from .shapes import blob, save_case, save_nifti, smooth_field
 __all__ = ["LAYOUTS", "make_demo", "synthetic_case", "write_case", "network_input"]
 
 LAYOUTS = {
-    "mr": {"task": "Task90_DemoProstateMR", "name": "DemoProstateMR", "modality": {"0": "T2", "1": "ADC"},
-           "labels": {"0": "background", "1": "peripheral zone", "2": "transition zone"}, "fov": (144.0, 144.0, 80.0)},
-    "ct": {"task": "Task91_DemoAbdomenCT", "name": "DemoAbdomenCT", "modality": {"0": "CT"},
-           "labels": {"0": "background", "1": "liver", "2": "spleen", "3": "lesion"}, "fov": (300.0, 300.0, 120.0)},
-}  # fmt: skip
+    "mr": {
+        "task": "Task90_DemoProstateMR",
+        "name": "DemoProstateMR",
+        "modality": {"0": "T2", "1": "ADC"},
+        "labels": {"0": "background", "1": "peripheral zone", "2": "transition zone"},
+        "fov": (144.0, 144.0, 80.0),
+    },
+    "ct": {
+        "task": "Task91_DemoAbdomenCT",
+        "name": "DemoAbdomenCT",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "liver", "2": "spleen", "3": "lesion"},
+        "fov": (300.0, 300.0, 120.0),
+    },
+}
 _APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02"  # what a macOS ._ file starts with
 
 
