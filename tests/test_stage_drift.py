@@ -1,11 +1,10 @@
 """The four stages of a bundle must feed the network the same image for the same file.
 
-Each stage config is standalone (single-file commands must work), so its loading and normalisation are
-written in each file. A changed transform in one stage and not the others (another foreground crop,
-spacing, intensity window or normalisation) makes the network see data at evaluation that it was never
-trained on, and nothing else would notice. Here each stage's deterministic pipeline (what the training
-cache holds, what validation, evaluation and inference feed the network) runs on the same demo case and
-the images must agree, up to the compact dtypes the training caches use (float16 / 8-bit levels).
+The stage configs are generated from shared layers (tools/build_configs.py), but a preset can still give one stage
+another foreground crop, spacing, intensity window or normalisation, and the network would then see data at
+evaluation that it was never trained on. Here each stage's deterministic pipeline (what the training cache holds,
+what validation, evaluation and inference feed the network) runs on the same demo case and the images must agree,
+up to the compact dtypes the training caches use (float16 / 8-bit levels).
 """
 
 from pathlib import Path
