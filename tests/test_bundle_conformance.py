@@ -26,6 +26,12 @@ import yaml
 from bundle_runner import REPO
 
 SCHEMA = REPO / "bundles" / "metadata_schema.json"
+# verify_metadata's schema: the stored file, checked against its sha256 (without a hash MONAI warns it checks nothing)
+SCHEMA_FILE = {
+    "filepath": str(SCHEMA),
+    "hash_val": "655ffbad1711e34ce28112d00e899e0dae970908013bbcfa3415ebeca0bb4754",
+    "hash_type": "sha256",
+}
 
 BUNDLES = ("btcv_seg", "brats_seg", "cxr14_cls")
 CONFIGS_NEEDED = ("metadata.json", "finetune.yaml", "inference.yaml", "demo.yaml")
@@ -147,7 +153,7 @@ def checkpoint(bundle, tmp_path) -> Path:
 def test_metadata_matches_the_schema(bundle):
     from monai.bundle import verify_metadata
 
-    verify_metadata(meta_file=meta_file(bundle), filepath=str(SCHEMA))  # an existing filepath: nothing downloaded
+    verify_metadata(meta_file=meta_file(bundle), **SCHEMA_FILE)  # an existing filepath: nothing downloaded
     meta = json.loads(Path(meta_file(bundle)).read_text())
     assert meta["version"] in meta["changelog"], f"changelog of {bundle} has no entry for version {meta['version']}"
 
@@ -160,11 +166,11 @@ def test_schema_rejects_incomplete_metadata(tmp_path):
     del broken["network_data_format"]["outputs"]["pred"]["channel_def"]
     (tmp_path / "no_channel_def.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="channel_def"):
-        verify_metadata(meta_file=str(tmp_path / "no_channel_def.json"), filepath=str(SCHEMA))
+        verify_metadata(meta_file=str(tmp_path / "no_channel_def.json"), **SCHEMA_FILE)
     broken = {k: v for k, v in meta.items() if k != "required_packages_version"}
     (tmp_path / "no_packages.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="required_packages_version"):
-        verify_metadata(meta_file=str(tmp_path / "no_packages.json"), filepath=str(SCHEMA))
+        verify_metadata(meta_file=str(tmp_path / "no_packages.json"), **SCHEMA_FILE)
 
 
 # ---- files of a shared bundle

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import yaml
 from bundle_runner import REPO
-from test_bundle_conformance import CASES, SCHEMA, bundle, checkpoint, data  # noqa: F401 (fixtures)
+from test_bundle_conformance import CASES, SCHEMA_FILE, bundle, checkpoint, data  # noqa: F401 (fixtures)
 
 # Runs argv[2:] as `python -m monai.bundle ...` with selfmedmae_components importable only from argv[1]
 # (the export); prints where it was imported from.
@@ -142,7 +142,7 @@ def test_exported_metadata_lists_every_package_the_code_imports(bundle, checkpoi
     export(bundle, tmp_path, checkpoint)
     root = tmp_path / bundle
     meta_path = root / "configs" / "metadata.json"
-    verify_metadata(meta_file=str(meta_path), filepath=str(SCHEMA))
+    verify_metadata(meta_file=str(meta_path), **SCHEMA_FILE)
     meta = json.loads(meta_path.read_text())
     required = {k.lower().replace("_", "-") for k in meta["required_packages_version"]}
     assert "selfmedmae-components" not in required  # it travels inside the bundle

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from bundle_runner import REPO, configs, run_bundle
-from test_bundle_conformance import CASES, SCHEMA, bundle, configs_of, data, meta_file, tiny_network  # noqa: F401 (fixtures)
+from test_bundle_conformance import CASES, SCHEMA_FILE, bundle, configs_of, data, meta_file, tiny_network  # noqa: F401 (fixtures)
 from test_export import isolated
 
 EXPORT = [sys.executable, str(REPO / "tools/export_bundle.py")]
@@ -91,7 +91,7 @@ def test_export_of_a_run_builds_the_trained_network(bundle, run, tmp_path):
     listed = {e["path"] for e in yaml.safe_load((root / "large_files.yml").read_text())["large_files"]}
     assert {"models/model.pt", "models/mae_pretrain.pt"} <= listed
     # the metadata describes the exported network, not the paper's
-    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), **SCHEMA_FILE)
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert "ViT-B/16" not in meta["description"] and "width 48" in meta["description"]
     size = CASES[bundle].input_shape[2:]
