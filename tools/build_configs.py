@@ -1,13 +1,14 @@
-"""Write each bundle's stage configs from the layers they are made of.
+"""Write each bundle's configs from the layers they are made of.
 
-    python tools/build_configs.py           # writes bundles/<bundle>/configs/<stage>.yaml
+    python tools/build_configs.py           # writes bundles/<bundle>/configs/<stage>.yaml, demo.yaml, ...
     python tools/build_configs.py --check   # fails, naming the files, when one is not what the layers give
 
 The sources are written once, in bundles/common/: the layers (layers/*.yaml: the run settings every stage has, the
-training skeleton, MAE pre-training, the 3-D segmentation and 2-D classification stages) and one preset per bundle
-(presets/<bundle>.yaml: its dataset's settings). A preset names its layers per stage and holds sections of ids:
-``all`` (every stage), ``training`` (pretrain and finetune) and one per stage, each applied on top of the layers.
-A key may be a nested id (``train#trainer#to_kwargs``) that replaces one entry.
+training skeleton, MAE pre-training, the 3-D segmentation and 2-D classification stages, the small demo networks,
+the multi-GPU overlay) and one preset per bundle (presets/<bundle>.yaml: its dataset's settings). A preset names
+the layers of each file it makes (``layers``) and holds sections of ids applied on top of them: ``all`` (the four
+stages), ``training`` (pretrain and finetune) and one per file. A key may be a nested id
+(``train#trainer#to_kwargs``) that replaces one entry. presets/common.yaml makes the overlays in bundles/common/.
 
 The merge is MONAI's own (``monai.bundle.utils.merge_kv``, what ``--config_file "[a, b]"`` does); this tool adds
 only the order of the keys and the comments, so that each generated file reads like a hand-written one: a new key
@@ -163,9 +164,9 @@ def section(preset: Layer, name: str) -> Layer:
     return Layer(f"{preset.name} ({name})", preset.config.get(name) or {}, comments)
 
 
-def set_ordered(target: dict, ident: str, value, after: str | None) -> None:
-    """Set a (nested) id; a new key goes right after `after` (its predecessor in the layer) where that is here."""
-    *parents, key = ident.split(SEP)
+def set_ordered(target: dict, path: list[str], value, after: str | None) -> None:
+    """Set the entry at `path`; a new key goes right after `after` (its predecessor in the layer) where that is here."""
+    *parents, key = path
     node = target
     for part in parents:
         node = node[int(part)] if isinstance(node, list) else node[part]
@@ -183,9 +184,12 @@ def set_ordered(target: dict, ident: str, value, after: str | None) -> None:
             node[key] = value
 
 
-def merge(layers: list[Layer]) -> tuple[dict, dict[str, Comments]]:
-    """The layers merged in order: MONAI's merge gives the values, this one the order and the comments."""
-    parser = ConfigParser(config={})
+def merge(layers: list[Layer], overlay: bool = False) -> tuple[dict, dict[str, Comments]]:
+    """The layers merged in order: MONAI's merge gives the values, this one the order and the comments.
+
+    An overlay (a file users layer on a stage config) keeps its nested ids as keys, for MONAI to apply then.
+    """
+    parser = {} if overlay else ConfigParser(config={})
     ordered: dict = {}
     comments: dict[str, Comments] = {}
     for layer in layers:
@@ -193,15 +197,24 @@ def merge(layers: list[Layer]) -> tuple[dict, dict[str, Comments]]:
         for key, value in layer.config.items():
             if key.startswith("+"):
                 raise ValueError(f"{layer.name}: '{key}': write the whole value (a '+' merge has no place in a layer)")
-            merge_kv(parser, key, copy.deepcopy(value))
+            try:
+                merge_kv(parser, key, copy.deepcopy(value))
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(
+                    f"{layer.name}: '{key}' names an entry the layers below do not have ({error})"
+                ) from None
             ident = key.replace("::", SEP)
-            same_parent = previous is not None and previous.rpartition(SEP)[0] == ident.rpartition(SEP)[0]
-            set_ordered(ordered, ident, copy.deepcopy(value), previous.rpartition(SEP)[2] if same_parent else None)
+            if overlay:
+                set_ordered(ordered, [ident], copy.deepcopy(value), previous)
+            else:
+                same_parent = previous is not None and previous.rpartition(SEP)[0] == ident.rpartition(SEP)[0]
+                after = previous.rpartition(SEP)[2] if same_parent else None
+                set_ordered(ordered, ident.split(SEP), copy.deepcopy(value), after)
             previous = ident
             for old in [k for k in comments if k == ident or k.startswith(ident + SEP)]:
                 del comments[old]
             comments.update({k: v for k, v in layer.comments.items() if k == ident or k.startswith(ident + SEP)})
-    values = parser.get()
+    values = parser if overlay else parser.get()
     if values != ordered:
         raise AssertionError("the ordered merge differs from MONAI's merge_kv (a bug in tools/build_configs.py)")
     return ordered, comments
@@ -283,16 +296,30 @@ def header(sources: list[str]) -> str:
     return f"# GENERATED by tools/build_configs.py from {', '.join(sources)}: edit those, then run it\n"
 
 
+def outputs(bundle: str, root: Path = REPO) -> list[str]:
+    """The files a preset makes: the keys of its ``layers``."""
+    layers = ConfigParser.load_config_file(root / "bundles" / "common" / "presets" / f"{bundle}.yaml").get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"bundles/common/presets/{bundle}.yaml: 'layers' must map each file it makes to its layers")
+    return list(layers)
+
+
+def target(bundle: str, name: str, root: Path = REPO) -> Path:
+    """Where a generated file goes: the bundle's configs/, or bundles/common/ for presets/common.yaml."""
+    folder = root / "bundles" / "common" if bundle == "common" else root / "bundles" / bundle / "configs"
+    return folder / f"{name}.yaml"
+
+
 def build(bundle: str, stage: str, root: Path = REPO) -> str:
-    """The text of one generated stage config."""
+    """The text of one generated config (a stage, or another file the preset makes, such as demo)."""
     common = root / "bundles" / "common"
     preset = read_layer(common / "presets" / f"{bundle}.yaml", root)
     names = preset.config.get("layers", {}).get(stage)
-    if not names:
+    if names is None or (not names and stage in STAGES):
         raise ValueError(f"{preset.name}: 'layers' names no layers for the {stage} stage")
     layers = [read_layer(common / "layers" / f"{name}.yaml", root) for name in names]
-    layers += [section(preset, name) for name in SECTIONS[stage] if name in preset.config]
-    config, comments = merge(layers)
+    layers += [section(preset, name) for name in SECTIONS.get(stage, (stage,)) if name in preset.config]
+    config, comments = merge(layers, overlay=bundle == "common")
     unset = [ident for ident, value in walk(config) if value == PLACEHOLDER]
     if unset:
         raise ValueError(
@@ -319,21 +346,20 @@ def main(argv: list[str] | None = None, root: Path = REPO) -> int:
     args = parser.parse_args(argv)
     stale = []
     for bundle in bundles(root):
-        for stage in STAGES:
-            target = root / "bundles" / bundle / "configs" / f"{stage}.yaml"
-            try:
-                text = build(bundle, stage, root)
-            except ValueError as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-            current = target.read_text(encoding="utf-8") if target.exists() else None
+        try:
+            texts = {target(bundle, name, root): build(bundle, name, root) for name in outputs(bundle, root)}
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        for path, text in texts.items():
+            current = path.read_text(encoding="utf-8") if path.exists() else None
             if current == text:
                 continue
             if args.check:
-                stale.append(target.relative_to(root).as_posix())
+                stale.append(path.relative_to(root).as_posix())
             else:
-                target.write_text(text, encoding="utf-8")
-                print(f"wrote {target.relative_to(root)}")
+                path.write_text(text, encoding="utf-8")
+                print(f"wrote {path.relative_to(root)}")
     if stale:
         print(
             "error: not what the layers in bundles/common give (edit the layers, then run "
