@@ -310,6 +310,28 @@ def target(bundle: str, name: str, root: Path = REPO) -> Path:
     return folder / f"{name}.yaml"
 
 
+LAST = ("run", "initialize", "finalize")
+
+
+def in_reading_order(config: dict) -> dict:
+    """The top-level ids as a hand-written config orders them: imports, the settings (one-line values), the
+    components, then what runs (`run`, and the stage's name for it)."""
+
+    def rank(item):
+        key, value = item
+        if key == "imports":
+            return 0
+        if key in LAST or value == "@run":
+            return 3
+        return 1 if not isinstance(value, (dict, list)) or not value or is_scalar_list(value) else 2
+
+    return dict(sorted(config.items(), key=rank))  # stable: the merge's order within each group
+
+
+def is_scalar_list(value) -> bool:
+    return isinstance(value, list) and not any(isinstance(v, (dict, list)) for v in value)
+
+
 def build(bundle: str, stage: str, root: Path = REPO) -> str:
     """The text of one generated config (a stage, or another file the preset makes, such as demo)."""
     common = root / "bundles" / "common"
@@ -326,6 +348,7 @@ def build(bundle: str, stage: str, root: Path = REPO) -> str:
             f"{preset.name}: the {stage} stage leaves {', '.join(unset)} at {PLACEHOLDER}: a layer leaves "
             "these to the preset, which must set them"
         )
+    config = in_reading_order(config)
     title = preset.comments.get(stage, Comments()).above  # the comment above the stage's section: the file's own
     lines: list[str] = []
     emit(config, "", 0, comments, lines)
