@@ -233,7 +233,8 @@ class ViTEncoder(nn.Module):
     def embed_patches(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, *img_size) -> (N, L, D) patch tokens with their position embedding added; with
         ``ids_keep`` (N, L_keep), only those patches: (N, L_keep, D), as embedding all then gathering."""
-        if tuple(x.shape[2:]) != self.img_size or x.shape[1] != self.in_channels:
+        # not while tracing (TorchScript export): the traced graph holds the one input shape anyway
+        if not torch.jit.is_tracing() and (tuple(x.shape[2:]) != self.img_size or x.shape[1] != self.in_channels):
             raise ValueError(
                 f"ViTEncoder expects input (N, {self.in_channels}, {', '.join(map(str, self.img_size))}), "
                 f"got {tuple(x.shape)}."
