@@ -96,7 +96,7 @@ def stage_image(bundle: str, stage: str, case: dict, dataset_dir) -> np.ndarray:
     if bundle == "cxr14_cls" and stage in ("pretrain", "finetune"):
         if stage == "pretrain":  # MAE's workers crop at random; validate's centre crop stands in for it
             out = CenterSpatialCropd("image", parser.get_parsed_content("img_size"))(out)
-        prepare = parser.get_parsed_content("train#prepare_batch" if stage == "pretrain" else "prepare_batch")
+        prepare = parser.get_parsed_content("prepare_batch")
         image, _ = prepare({"image": torch.as_tensor(out["image"])[None]}, torch.device("cpu"))
         return image[0].numpy()
     return torch.as_tensor(out["image"]).float().numpy()
