@@ -227,7 +227,7 @@ def scalar(value) -> str:
         text = repr(value)
         if "e" in text:
             mantissa, exponent = text.split("e")
-            text = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{int(exponent):+d}".replace("e+", "e+")
+            text = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{int(exponent):+d}"
         return text
     if isinstance(value, list):
         return "[" + ", ".join(scalar(v) for v in value) + "]"
